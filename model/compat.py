@@ -26,6 +26,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+import warnings
 from typing import Iterable, Optional
 
 import numpy as np
@@ -126,6 +127,9 @@ def _restore_removed_names() -> None:
 
 def apply() -> None:
     """Idempotent; called once by ``model/__init__.py``."""
+    # detectron2 0.6 decorates a few helpers with torch.jit.script at import time; torch 2.14
+    # warns about each on every import, which says nothing actionable to a user of this project.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     _restore_removed_names()
     _register_standin_extension()
 

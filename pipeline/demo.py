@@ -3,6 +3,7 @@
 Runs ``dvc repro`` in the repository (every stage that ``dvc.yaml`` defines), then says where the
 outputs are. Stages that have not been built yet simply are not in ``dvc.yaml``.
 """
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv=None) -> None:
     env.main([])
-    dvc = Path(sys.executable).with_name("dvc")
-    subprocess.run([str(dvc), "repro"], cwd=ROOT, check=True)
+    venv_bin = Path(sys.executable).parent
+    # dvc.yaml's commands say `python`: make it this environment's, as `source .venv/bin/activate` would.
+    env_vars = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run([str(venv_bin / "dvc"), "repro"], cwd=ROOT, check=True, env=env_vars)
     print(f"\ndemo done: tables and figures are under {ROOT / 'reports'}")
 
 

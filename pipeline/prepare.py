@@ -1,0 +1,213 @@
+"""
+The prepare stage: ``python -m pipeline.prepare [flags]``.
+
+Reads ``params.yaml`` (``data:``); flags override it. For ``data.name: synthetic`` it generates the
+built-in dataset (see ``pipeline/synthetic.py``) under ``data/synthetic``; for ``lvis_v1`` /
+``coco_2017`` it validates the annotation files and images under ``data.root`` and writes
+``data/<name>/cat_info.json``. Either way it writes ``data/<name>/prepare.json`` (settings, counts
+and a sha256 checksum of the dataset) and the two data figures under ``reports/figures/``.
+
+Nothing partial is left behind: the output is built in a temporary directory next to its target and
+renamed into place only when complete; on an error the previous output, if any, is untouched.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from pipeline import params as P
+from pipeline.synthetic import SyntheticSpec, frequency_bucket
+from pipeline.validate import DataError, validate_instances
+
+DATA_KEYS = ("name", "root", "synthetic")
+FIGURES_DIR = Path("reports/figures")
+
+
+def data_settings(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The checked ``data:`` section: name, root (Path or None) and the SyntheticSpec."""
+    from pipeline.datasets import DATASETS  # detectron2 import deferred: keep --help fast
+
+    data = params.get("data") or {}
+    P.check_keys(data, DATA_KEYS, "data.")
+    name = data.get("name", "synthetic")
+    P.check_choice(name, DATASETS, "data.name")
+    synthetic = data.get("synthetic") or {}
+    P.check_keys(synthetic, [f.name for f in fields(SyntheticSpec)], "data.synthetic.")
+    if "image_size" in synthetic:
+        synthetic = {**synthetic, "image_size": tuple(synthetic["image_size"])}
+    spec = SyntheticSpec(**synthetic)
+    try:
+        spec.validate()
+    except ValueError as e:
+        raise P.ParamError(f"params.yaml: {e}") from None
+    root = data.get("root")
+    return {"name": name, "root": Path(root) if root else None, "spec": spec}
+
+
+def output_dir(name: str) -> Path:
+    return Path("data") / name
+
+
+def dataset_checksum(directory: Path, exclude=("prepare.json",)) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel in exclude:
+            continue
+        digest.update(rel.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cat_info_from(lvis_or_coco_json: Path) -> list:
+    """Per-category training image and instance counts (the federated loss's and RFS's input)."""
+    data = json.loads(Path(lvis_or_coco_json).read_text())
+    images = {c["id"]: set() for c in data["categories"]}
+    instances = {c["id"]: 0 for c in data["categories"]}
+    for a in data["annotations"]:
+        images[a["category_id"]].add(a["image_id"])
+        instances[a["category_id"]] += 1
+    return [{"id": c["id"], "name": c["name"], "image_count": len(images[c["id"]]),
+             "instance_count": instances[c["id"]], "frequency": frequency_bucket(len(images[c["id"]]))}
+            for c in sorted(data["categories"], key=lambda c: c["id"])]
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _validate_splits(splits) -> Dict[str, Dict[str, int]]:
+    counts = {}
+    for flavour in splits.values():
+        for split in flavour:
+            counts[split.name] = validate_instances(split.json_file, split.kind, split.image_file)
+    return counts
+
+
+def _figures(splits, cat_info: Path, figures_dir: Path) -> None:
+    from pipeline.data_figures import frequency_histogram, sample_grid
+
+    coco_train = splits["coco"][0] if "coco" in splits else None
+    labels = splits["lvis"][0] if "lvis" in splits else coco_train
+    exhaustive = coco_train.json_file if coco_train and coco_train is not labels else None
+    sample_grid(labels.json_file, exhaustive, labels.image_file, figures_dir / "data_samples.png")
+    frequency_histogram(cat_info, figures_dir / "data_frequency.png")
+
+
+def prepare(name: str, root: Optional[Path], spec: SyntheticSpec, out: Path,
+            figures_dir: Optional[Path] = FIGURES_DIR) -> Dict[str, Any]:
+    """Build ``out`` (see module docstring); returns what is written to ``out/prepare.json``."""
+    from pipeline import datasets
+
+    start = time.time()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if name == "synthetic":
+            from pipeline.synthetic import generate
+
+            summary = generate(spec, tmp)
+            splits = datasets.layout(name, tmp)
+            counts = _validate_splits(splits)
+            settings = {"synthetic": asdict(spec)}
+        else:
+            root = Path(root) if root else datasets.default_root()
+            splits = datasets.layout(name, root)
+            counts = _validate_splits(splits)
+            train_json = splits.get("lvis", splits.get("coco"))[0].json_file
+            (tmp / "cat_info.json").write_text(json.dumps(cat_info_from(train_json)))
+            summary = {}
+            settings = {"root": str(root.resolve())}
+        cat_info = json.loads((tmp / "cat_info.json").read_text())
+        summary["frequency_buckets"] = {b: sum(c["frequency"] == b for c in cat_info) for b in "rcf"}
+        if name == "synthetic":
+            checksum = dataset_checksum(tmp)
+        else:  # the dataset itself stays under root: checksum its annotation files
+            digest = hashlib.sha256()
+            for flavour in splits.values():
+                for split in flavour:
+                    digest.update(split.json_file.read_bytes())
+            checksum = digest.hexdigest()
+        record = {"dataset": name, **settings, "splits": counts, "summary": summary,
+                  "checksum": checksum, "seconds": round(time.time() - start, 1)}
+        (tmp / "prepare.json").write_text(json.dumps(record, indent=2) + "\n")
+        if figures_dir is not None:
+            _figures(splits, tmp / "cat_info.json", figures_dir)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+def _image_size(text: str):
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 1:
+        return (parts[0], parts[0])
+    if len(parts) == 2:
+        return tuple(parts)
+    raise argparse.ArgumentTypeError("expected S or MIN,MAX")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--params", type=Path, default=P.PARAMS_FILE, help="params file (default: %(default)s)")
+    parser.add_argument("--synthetic", action="store_true", help="the built-in synthetic dataset (data.name=synthetic)")
+    parser.add_argument("--name", help="data.name: synthetic | lvis_v1 | coco_2017")
+    parser.add_argument("--root", type=Path, help="data.root: detectron2 dataset root for lvis_v1/coco_2017")
+    parser.add_argument("--out", type=Path, help="output directory (default: data/<name>)")
+    parser.add_argument("--num-train", type=int, help="data.synthetic.num_train")
+    parser.add_argument("--num-val", type=int, help="data.synthetic.num_val")
+    parser.add_argument("--num-classes", type=int, help="data.synthetic.num_classes")
+    parser.add_argument("--image-size", type=_image_size, help="data.synthetic.image_size: S or MIN,MAX")
+    parser.add_argument("--seed", type=int, help="data.synthetic.seed")
+    parser.add_argument("--figures", type=Path, default=FIGURES_DIR, help="figure directory (default: %(default)s)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    args = parser.parse_args(argv)
+    try:
+        params = P.load(args.params)
+        data = dict(params.get("data") or {})
+        if args.synthetic:
+            data["name"] = "synthetic"
+        if args.name:
+            data["name"] = args.name
+        if args.root:
+            data["root"] = str(args.root)
+        synthetic = dict(data.get("synthetic") or {})
+        for flag in ("num_train", "num_val", "num_classes", "image_size", "seed"):
+            if getattr(args, flag) is not None:
+                synthetic[flag] = getattr(args, flag)
+        data["synthetic"] = synthetic
+        settings = data_settings({**params, "data": data})
+        out = args.out or output_dir(settings["name"])
+        record = prepare(settings["name"], settings["root"], settings["spec"], out,
+                         None if args.no_figures else args.figures)
+    except (P.ParamError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"prepared {record['dataset']} in {out} ({record['seconds']} s): "
+          f"{json.dumps(record['splits'])}; r/c/f categories {record['summary']['frequency_buckets']}; "
+          f"sha256 {record['checksum'][:16]}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

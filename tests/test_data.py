@@ -1,0 +1,288 @@
+"""The synthetic federated long-tailed dataset, the prepare stage, validation and registration."""
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import prepare as prep
+from pipeline.synthetic import SyntheticSpec, frequency_bucket, generate, target_image_counts
+
+# Big enough that all three LVIS buckets fill (the head category gets 0.6 * 300 = 180 images).
+SPEC = SyntheticSpec(num_train=300, num_val=40, num_classes=16, image_size=(96, 128), seed=3,
+                     head_fraction=0.6)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    out = root / "data" / "synthetic"
+    record = prep.prepare("synthetic", None, SPEC, out, figures_dir=root / "figures")
+    return {"out": out, "record": record, "figures": root / "figures"}
+
+
+def _load(out: Path, name: str) -> dict:
+    return json.loads((out / "annotations" / name).read_text())
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    small = SyntheticSpec(num_train=30, num_val=6, num_classes=8, image_size=(64, 80), seed=5)
+    sums = []
+    for name, spec in (("a", small), ("b", small), ("c", SyntheticSpec(**{**small.__dict__, "seed": 6}))):
+        (tmp_path / name).mkdir()
+        generate(spec, tmp_path / name)
+        sums.append(prep.dataset_checksum(tmp_path / name))
+    assert sums[0] == sums[1]
+    assert sums[0] != sums[2]
+
+
+def test_prepare_writes_the_layout_checksum_and_figures(dataset):
+    out = dataset["out"]
+    for rel in ("annotations/lvis_v1_train.json", "annotations/lvis_v1_val.json",
+                "annotations/coco_train.json", "annotations/coco_val.json", "cat_info.json"):
+        assert (out / rel).is_file(), rel
+    assert len(list((out / "images" / "train").glob("*.png"))) == SPEC.num_train
+    assert len(list((out / "images" / "val").glob("*.png"))) == SPEC.num_val
+    record = json.loads((out / "prepare.json").read_text())
+    assert record["checksum"] == prep.dataset_checksum(out)
+    assert not list(out.parent.glob(".synthetic.tmp-*"))  # temp dir renamed away
+    for fig in ("data_samples.png", "data_frequency.png"):
+        assert (dataset["figures"] / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_official_lvis_api_loads_both_splits(dataset):
+    from lvis import LVIS
+
+    for split, n in (("train", SPEC.num_train), ("val", SPEC.num_val)):
+        api = LVIS(str(dataset["out"] / "annotations" / f"lvis_v1_{split}.json"))
+        assert len(api.get_img_ids()) == n
+        assert len(api.get_cat_ids()) == SPEC.num_classes
+
+
+def test_long_tail_fills_every_bucket_by_lvis_rule(dataset):
+    train = _load(dataset["out"], "lvis_v1_train.json")
+    images_per_cat = defaultdict(set)
+    for a in train["annotations"]:
+        images_per_cat[a["category_id"]].add(a["image_id"])
+    for cat in train["categories"]:
+        assert cat["image_count"] == len(images_per_cat[cat["id"]])
+        assert cat["frequency"] == frequency_bucket(cat["image_count"])
+    buckets = {c["frequency"] for c in train["categories"]}
+    assert buckets == {"r", "c", "f"}
+    # The val split carries the training frequencies, as LVIS v1 val does.
+    val = _load(dataset["out"], "lvis_v1_val.json")
+    assert [c["frequency"] for c in val["categories"]] == [c["frequency"] for c in train["categories"]]
+    cat_info = json.loads((dataset["out"] / "cat_info.json").read_text())
+    assert [c["image_count"] for c in cat_info] == [c["image_count"] for c in train["categories"]]
+
+
+def test_target_counts_follow_the_power_law_quantiles():
+    counts = target_image_counts(40, 400, 1.0)
+    assert counts[0] > 300 and counts[-1] == 1 and (np.diff(counts) <= 0).all()
+    # gamma = 1 is log-uniform: equal numbers of categories per decade of image count.
+    logs = np.log10(target_image_counts(1000, 1000, 1.0))
+    per_decade = np.histogram(logs, bins=[0, 1, 2, 3.01])[0]
+    # Rounding to whole images moves a few across decade edges; gamma = 0 would give 9/90/900.
+    assert per_decade.max() - per_decade.min() <= 20
+    uniform = np.histogram(np.log10(target_image_counts(1000, 1000, 0.0)), bins=[0, 1, 2, 3.01])[0]
+    assert uniform[2] > 800
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_federated_labels_follow_the_lvis_protocol(dataset, split):
+    lvis = _load(dataset["out"], f"lvis_v1_{split}.json")
+    coco = _load(dataset["out"], f"coco_{split}.json")
+    annotated = defaultdict(lambda: defaultdict(int))
+    present = defaultdict(lambda: defaultdict(int))
+    for a in lvis["annotations"]:
+        annotated[a["image_id"]][a["category_id"]] += 1
+    for a in coco["annotations"]:
+        present[a["image_id"]][a["category_id"]] += 1
+    n_not_exhaustive = n_unlabeled = 0
+    for im in lvis["images"]:
+        i = im["id"]
+        assert not set(im["neg_category_ids"]) & set(present[i]), "a negative category is present"
+        for c in im["not_exhaustive_category_ids"]:
+            assert present[i][c] > annotated[i][c] >= 1, f"image {i} category {c}"
+            n_not_exhaustive += 1
+        for c in present[i]:
+            if c not in annotated[i]:
+                assert c not in im["neg_category_ids"]
+                n_unlabeled += 1
+        # Positives are annotated exhaustively unless marked otherwise.
+        for c, n in annotated[i].items():
+            if c not in im["not_exhaustive_category_ids"]:
+                assert n == present[i][c]
+    assert n_not_exhaustive > 0 and n_unlabeled > 0
+    # The COCO copy labels every object; the LVIS one is a strict subset of it.
+    assert len(coco["annotations"]) > len(lvis["annotations"])
+
+
+def test_boxes_and_masks_agree(dataset):
+    from pycocotools import mask as mask_utils
+
+    coco = _load(dataset["out"], "coco_train.json")
+    sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+    areas = []
+    for a in coco["annotations"][:200]:
+        h, w = sizes[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        assert 0 <= x and 0 <= y and x + bw <= w and y + bh <= h
+        rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w))
+        # Rasterised polygon area and box are the geometric ones, up to the pixel grid.
+        assert abs(float(mask_utils.area(rle)) - a["area"]) <= 0.15 * a["area"] + 2 * (bw + bh)
+        rx, ry, rw, rh = mask_utils.toBbox(rle)
+        # Sharp tips (stars) can fall between pixel centres: up to ~3 px; occlusion errors are far larger.
+        assert max(abs(rx - x), abs(ry - y), abs(rx + rw - x - bw), abs(ry + rh - y - bh)) <= 3
+        areas.append(a["area"])
+    # Objects come at COCO's small, medium and large scales... for these image sizes, small and medium.
+    assert min(areas) < 32**2 <= max(areas)
+
+
+def _lvis_eval(gt_path, detections):
+    from lvis import LVIS, LVISEval, LVISResults
+
+    gt = LVIS(str(gt_path))
+    ev = LVISEval(gt, LVISResults(gt, detections), "bbox")
+    ev.run()
+    return ev.get_results()
+
+
+def test_lvis_eval_scores_ground_truth_1_and_misses_0(dataset):
+    gt_path = dataset["out"] / "annotations" / "lvis_v1_val.json"
+    gt = json.loads(gt_path.read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                "score": 1.0} for a in gt["annotations"]]
+    assert _lvis_eval(gt_path, perfect)["AP"] == pytest.approx(1.0)
+    # lvis 0.5.3 cannot take an empty result list (IndexError); detections that all miss
+    # (each box moved off its object) are the empty case's equivalent: AP 0.
+    sizes = {im["id"]: im for im in gt["images"]}
+    misses = []
+    for d in perfect:
+        x, y, w, h = d["bbox"]
+        im = sizes[d["image_id"]]
+        misses.append({**d, "bbox": [im["width"] - 3, im["height"] - 3, 2, 2] if x > 10 or y > 10
+                       else [im["width"] - 3, 0, 2, 2]})
+    assert _lvis_eval(gt_path, misses)["AP"] == pytest.approx(0.0)
+
+
+def test_detectron2_catalog_and_lvis_evaluator_accept_the_dataset(dataset, tmp_path):
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import LVISEvaluator
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    from pipeline import datasets
+
+    datasets.register("synthetic", dataset["out"])
+    records = DatasetCatalog.get("synthetic_lvis_val")
+    assert len(records) == SPEC.num_val
+    assert all(Path(r["file_name"]).is_file() for r in records)
+    assert {a["category_id"] for r in records for a in r["annotations"]} <= set(range(SPEC.num_classes))
+    assert "neg_category_ids" in records[0] and "not_exhaustive_category_ids" in records[0]
+    assert len(MetadataCatalog.get("synthetic_lvis_val").thing_classes) == SPEC.num_classes
+    coco_records = DatasetCatalog.get("synthetic_coco_train")
+    assert len(coco_records) == SPEC.num_train
+
+    evaluator = LVISEvaluator("synthetic_lvis_val", tasks=("bbox",), distributed=False,
+                              output_dir=str(tmp_path))
+    evaluator.reset()
+    for r in records:
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in r["annotations"]]
+        inst = Instances((r["height"], r["width"]))
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.ones(len(boxes))
+        inst.pred_classes = torch.tensor([a["category_id"] for a in r["annotations"]], dtype=torch.int64)
+        evaluator.process([{"image_id": r["image_id"]}], [{"instances": inst}])
+    results = evaluator.evaluate()
+    assert results["bbox"]["AP"] == pytest.approx(100.0)  # detectron2 reports percent
+    assert {"APr", "APc", "APf", "APs", "APm", "APl"} <= set(results["bbox"])
+
+
+# --- validation of real datasets -------------------------------------------------------------
+
+@pytest.fixture
+def lvis_root(dataset, tmp_path):
+    """A copy of the synthetic set in detectron2's LVIS v1 layout (lvis/ + coco/train2017 ...)."""
+    root = tmp_path / "datasets"
+    (root / "lvis").mkdir(parents=True)
+    for split in ("train", "val"):
+        data = _load(dataset["out"], f"lvis_v1_{split}.json")
+        for im in data["images"]:
+            im["coco_url"] = f"http://images.example.org/{split}2017/{im['id']:012d}.png"
+        (root / "lvis" / f"lvis_v1_{split}.json").write_text(json.dumps(data))
+        (root / "coco" / f"{split}2017").mkdir(parents=True)
+        for im in data["images"]:
+            shutil.copy(dataset["out"] / "images" / im["file_name"],
+                        root / "coco" / f"{split}2017" / f"{im['id']:012d}.png")
+    return root
+
+
+def _run_prepare(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        prep.main(args)
+    return exc.value.code, capsys.readouterr().err.strip()
+
+
+def test_real_lvis_layout_prepares_cat_info(lvis_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prep.main(["--name", "lvis_v1", "--root", str(lvis_root), "--no-figures"])
+    cat_info = json.loads((tmp_path / "data" / "lvis_v1" / "cat_info.json").read_text())
+    train = json.loads((lvis_root / "lvis" / "lvis_v1_train.json").read_text())
+    assert [c["image_count"] for c in cat_info] == [c["image_count"] for c in train["categories"]]
+
+
+def _corrupt(path: Path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["annotations"][3].pop("bbox"), r"annotations\[3\] \(id \d+\): missing field 'bbox'"),
+    (lambda d: d["annotations"][4].__setitem__("bbox", [500.0, 10.0, 40.0, 20.0]),
+     r"annotations\[4\] \(id \d+\): field 'bbox': box \[500.0, 10.0, 40.0, 20.0\] lies outside image \d+"),
+    (lambda d: d["annotations"][5].__setitem__("category_id", 999),
+     r"annotations\[5\] \(id \d+\): field 'category_id': unknown category id 999"),
+    (lambda d: d["annotations"][6].__setitem__("id", d["annotations"][2]["id"]),
+     r"annotations\[6\] \(id \d+\): field 'id': duplicate id"),
+    (lambda d: d["images"][7].__setitem__("coco_url", "http://x/val2017/missing.png"),
+     r"images\[7\] \(id \d+\): field 'coco_url': image file .*missing.png not found"),
+])
+def test_validation_error_names_file_record_field_and_leaves_nothing(
+        lvis_root, tmp_path, monkeypatch, capsys, edit, message):
+    monkeypatch.chdir(tmp_path)
+    val_json = lvis_root / "lvis" / "lvis_v1_val.json"
+    _corrupt(val_json, edit)
+    code, err = _run_prepare(["--name", "lvis_v1", "--root", str(lvis_root), "--no-figures"], capsys)
+    assert code != 0
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: {val_json}: ")
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "data" / "lvis_v1").exists()
+    assert not list((tmp_path / "data").glob(".*"))
+
+
+def test_failed_prepare_keeps_previous_output(lvis_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    prep.main(["--name", "lvis_v1", "--root", str(lvis_root), "--no-figures"])
+    before = (tmp_path / "data" / "lvis_v1" / "cat_info.json").read_bytes()
+    _corrupt(lvis_root / "lvis" / "lvis_v1_train.json", lambda d: d["categories"].append(d["categories"][0]))
+    code, err = _run_prepare(["--name", "lvis_v1", "--root", str(lvis_root), "--no-figures"], capsys)
+    assert code != 0 and "categories[" in err and "duplicate id" in err
+    assert (tmp_path / "data" / "lvis_v1" / "cat_info.json").read_bytes() == before
+
+
+def test_bad_params_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  name: lvis\n")
+    code, err = _run_prepare(["--params", str(params)], capsys)
+    assert code == 1 and "data.name='lvis'" in err and "synthetic, lvis_v1, coco_2017" in err
+    params.write_text("data:\n  synthetic:\n    num_trian: 5\n")
+    code, err = _run_prepare(["--params", str(params)], capsys)
+    assert code == 1 and "unknown key 'data.synthetic.num_trian'" in err and "num_train" in err
+    assert not (tmp_path / "data").exists()
