@@ -1,0 +1,57 @@
+"""Config keys this project adds to detectron2's defaults. Every new key is commented here."""
+from detectron2.config import CfgNode as CN
+
+
+def add_centernet2_config(cfg: CN) -> CN:
+    """Add the CenterNet / CenterNet2 keys to ``cfg`` (in place) and return it."""
+    _C = cfg
+
+    # ---- CenterNet head: as the proposal generator of CenterNet2 or as a one-stage detector ------
+    _C.MODEL.CENTERNET = CN()
+    # Heatmap channels when class-specific: one per category (set from the dataset).
+    _C.MODEL.CENTERNET.NUM_CLASSES = 80
+    # One category-agnostic heatmap, like an RPN (CenterNet2-agnostic); False: one per category.
+    _C.MODEL.CENTERNET.AGNOSTIC = False
+    # True: output proposals for RoI heads (CenterNet2); False: output final detections (CenterNet-FPN).
+    _C.MODEL.CENTERNET.ONLY_PROPOSAL = False
+    # FPN levels the head runs on, and their strides.
+    _C.MODEL.CENTERNET.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    _C.MODEL.CENTERNET.FPN_STRIDES = [8, 16, 32, 64, 128]
+    # Sizes of interest: an object of size sqrt(w*h) is assigned to every level whose [lo, hi]
+    # contains it (ranges overlap, so a borderline object trains two levels).
+    _C.MODEL.CENTERNET.SOI = [[0, 80], [64, 160], [128, 320], [256, 640], [512, 100000]]
+    # Convolutions in the classification (heatmap) and box towers, shared across levels.
+    _C.MODEL.CENTERNET.NUM_CLS_CONVS = 4
+    _C.MODEL.CENTERNET.NUM_BOX_CONVS = 4
+    # Normalisation in the towers ("GN" as in CenterNet-FPN, "" for none).
+    _C.MODEL.CENTERNET.NORM = "GN"
+    # Initial heatmap probability, sets the output bias (focal-loss practice).
+    _C.MODEL.CENTERNET.PRIOR_PROB = 0.01
+    # Penalty-reduced focal loss exponents (CenterNet, Zhou et al. 2019, eq. 1: alpha, beta).
+    _C.MODEL.CENTERNET.HM_FOCAL_ALPHA = 2.0
+    _C.MODEL.CENTERNET.HM_FOCAL_BETA = 4.0
+    # Gaussian target: sigma = SIGMA_RATIO * sqrt(w*h) of the object, in pixels.
+    _C.MODEL.CENTERNET.SIGMA_RATIO = 0.1
+    # Box regression is trained at locations whose Gaussian target is >= this (and inside the box).
+    _C.MODEL.CENTERNET.REG_GAUSSIAN_THRESH = 0.5
+    # Loss weights of the heatmap focal loss and the GIoU box loss (report sec. 4: 0.5 each in
+    # CenterNet2, as CenterNet alone is trained with half the learning rate).
+    _C.MODEL.CENTERNET.HM_WEIGHT = 1.0
+    _C.MODEL.CENTERNET.REG_WEIGHT = 1.0
+    # Candidates below this heatmap score are dropped before top-k.
+    _C.MODEL.CENTERNET.SCORE_THRESH = 0.001
+    # Per-level top-k before NMS, and the number kept after NMS over all levels, train / test.
+    _C.MODEL.CENTERNET.PRE_NMS_TOPK_TRAIN = 4000
+    _C.MODEL.CENTERNET.PRE_NMS_TOPK_TEST = 1000
+    _C.MODEL.CENTERNET.POST_NMS_TOPK_TRAIN = 2000
+    _C.MODEL.CENTERNET.POST_NMS_TOPK_TEST = 256
+    # IoU threshold of the NMS over candidates (report sec. 4: 0.9 for CenterNet2 proposals).
+    _C.MODEL.CENTERNET.NMS_THRESH_TRAIN = 0.9
+    _C.MODEL.CENTERNET.NMS_THRESH_TEST = 0.9
+
+    # ---- Cascade RoI heads ------------------------------------------------------------------------
+    # At test, final score = sqrt(proposal score * classification score) (report sec. 4).
+    _C.MODEL.ROI_HEADS.MULT_PROPOSAL_SCORE = False
+    # Classification loss of the box head: softmax | sigmoid | eql | fedloss (model/losses.py).
+    _C.MODEL.ROI_BOX_HEAD.CLS_LOSS = "softmax"
+    return cfg

@@ -1,0 +1,130 @@
+"""
+The four Table 1 detectors by name, and the scales they run at.
+
+A scale is a set of config overrides applied on top of a detector's yaml, so each detector has
+exactly one config file:
+
+- ``paper``: the yaml as written — the report's settings (ImageNet-initialised R50, 1x schedule).
+- ``synthetic``: the demo on the built-in dataset, on 2 CPU cores: 128-192 px images, ResNet-18,
+  128 FPN channels, 256 training proposals, 128 RoIs per image, FC 256, from scratch. Sizes of
+  interest and anchors shrink with the images (x0.2); test-time proposal counts stay the report's
+  (CascadeRCNN 1000, CenterNet2 256), so the runtime comparison is the report's.
+- ``smoke``: the tests: 64-96 px images and the smallest widths; seconds per run.
+
+Without pretrained weights, detectron2's ImageNet-oriented defaults (frozen BN, pixel std 1) give
+degenerate boxes, so the from-scratch scales use trainable BN in the ResNet, GN in the FPN and heads,
+and a real pixel std.
+"""
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+from detectron2.config import CfgNode, get_cfg
+
+from .config import add_centernet2_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# params.yaml's detector names -> config files (Table 1 rows).
+DETECTORS = {
+    "centernet": "CenterNet-FPN.yaml",
+    "cascadercnn": "CascadeRCNN.yaml",
+    "centernet2_specific": "CenterNet2-specific.yaml",
+    "centernet2_agnostic": "CenterNet2-agnostic.yaml",
+}
+
+_SOI = [[0, 80], [64, 160], [128, 320], [256, 640], [512, 100000]]
+_ANCHOR_BASE = [32, 64, 128, 256, 512]
+
+
+def _sizes(factor: float) -> Dict[str, object]:
+    """CenterNet's sizes of interest and the RPN's anchors for images ``factor`` x COCO's."""
+    soi = [[round(lo * factor, 2), round(hi * factor, 2) if hi < 100000 else hi] for lo, hi in _SOI]
+    anchors = [[round(b * factor * 2 ** (k / 3), 2) for k in range(3)] for b in _ANCHOR_BASE]
+    return {"MODEL.CENTERNET.SOI": soi, "MODEL.ANCHOR_GENERATOR.SIZES": anchors}
+
+
+_FROM_SCRATCH = {
+    "MODEL.WEIGHTS": "",
+    "MODEL.PIXEL_STD": [57.375, 57.120, 58.395],
+    "MODEL.RESNETS.NORM": "BN",
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+    "MODEL.BACKBONE.FREEZE_AT": 0,
+    "MODEL.FPN.NORM": "GN",
+    "MODEL.RESNETS.DEPTH": 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+    "DATALOADER.NUM_WORKERS": 1,
+}
+
+SCALES: Dict[str, Dict[str, object]] = {
+    "paper": {},
+    "synthetic": {
+        **_FROM_SCRATCH,
+        **_sizes(0.2),
+        "MODEL.FPN.OUT_CHANNELS": 128,
+        "MODEL.ROI_BOX_HEAD.FC_DIM": 256,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 128,
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 1000,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": 256,
+        "MODEL.CENTERNET.PRE_NMS_TOPK_TRAIN": 1000,
+        "MODEL.CENTERNET.POST_NMS_TOPK_TRAIN": 256,
+        "INPUT.MIN_SIZE_TRAIN": (128, 144, 160, 176, 192),
+        "INPUT.MAX_SIZE_TRAIN": 320,
+        "INPUT.MIN_SIZE_TEST": 160,
+        "INPUT.MAX_SIZE_TEST": 320,
+        "SOLVER.IMS_PER_BATCH": 8,
+        "SOLVER.BASE_LR": 0.02,
+        "SOLVER.MAX_ITER": 3000,
+        "SOLVER.STEPS": (2000, 2600),
+        "SOLVER.WARMUP_ITERS": 200,
+        "SOLVER.CHECKPOINT_PERIOD": 500,
+        "TEST.DETECTIONS_PER_IMAGE": 100,
+    },
+    "smoke": {
+        **_FROM_SCRATCH,
+        **_sizes(0.1),
+        "MODEL.FPN.OUT_CHANNELS": 64,
+        "MODEL.ROI_BOX_HEAD.FC_DIM": 128,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64,
+        "MODEL.CENTERNET.NUM_CLS_CONVS": 2,
+        "MODEL.CENTERNET.NUM_BOX_CONVS": 2,
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 500,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": 128,
+        "MODEL.CENTERNET.PRE_NMS_TOPK_TRAIN": 500,
+        "MODEL.CENTERNET.POST_NMS_TOPK_TRAIN": 128,
+        "INPUT.MIN_SIZE_TRAIN": (64, 80, 96),
+        "INPUT.MAX_SIZE_TRAIN": 160,
+        "INPUT.MIN_SIZE_TEST": 96,
+        "INPUT.MAX_SIZE_TEST": 160,
+        "SOLVER.IMS_PER_BATCH": 4,
+        "SOLVER.BASE_LR": 0.02,
+        "SOLVER.MAX_ITER": 20,
+        "SOLVER.STEPS": (15,),
+        "SOLVER.WARMUP_ITERS": 5,
+        "SOLVER.CHECKPOINT_PERIOD": 10,
+        "TEST.DETECTIONS_PER_IMAGE": 100,
+    },
+}
+
+
+def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int] = None,
+                  overrides: Iterable = ()) -> CfgNode:
+    """
+    The detectron2 config of a Table 1 detector at a scale.
+
+    Args:
+        detector: a key of ``DETECTORS``; scale: a key of ``SCALES``.
+        num_classes: categories of the dataset (sets the RoI heads' and the heatmaps').
+        overrides: flat [KEY, VALUE, ...] applied last.
+    """
+    if detector not in DETECTORS:
+        raise ValueError(f"detector={detector!r}; allowed: {', '.join(DETECTORS)}")
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r}; allowed: {', '.join(SCALES)}")
+    cfg = add_centernet2_config(get_cfg())
+    cfg.merge_from_file(str(CONFIG_DIR / DETECTORS[detector]))
+    cfg.merge_from_list([x for kv in SCALES[scale].items() for x in kv])
+    if num_classes is not None:
+        cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
+                             "MODEL.CENTERNET.NUM_CLASSES", num_classes])
+    cfg.merge_from_list(list(overrides))
+    return cfg
