@@ -18,6 +18,7 @@ and a real pixel std.
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
+import torch
 from detectron2.config import CfgNode, get_cfg
 
 from .config import add_centernet2_config
@@ -115,6 +116,7 @@ def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int
         detector: a key of ``DETECTORS``; scale: a key of ``SCALES``.
         num_classes: categories of the dataset (sets the RoI heads' and the heatmaps').
         overrides: flat [KEY, VALUE, ...] applied last.
+    ``MODEL.DEVICE`` is "cuda" when a GPU is visible, else "cpu" (an override can still set it).
     """
     if detector not in DETECTORS:
         raise ValueError(f"detector={detector!r}; allowed: {', '.join(DETECTORS)}")
@@ -122,6 +124,7 @@ def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int
         raise ValueError(f"scale={scale!r}; allowed: {', '.join(SCALES)}")
     cfg = add_centernet2_config(get_cfg())
     cfg.merge_from_file(str(CONFIG_DIR / DETECTORS[detector]))
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.merge_from_list([x for kv in SCALES[scale].items() for x in kv])
     if num_classes is not None:
         cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
