@@ -54,4 +54,18 @@ def add_centernet2_config(cfg: CN) -> CN:
     _C.MODEL.ROI_HEADS.MULT_PROPOSAL_SCORE = False
     # Classification loss of the box head: softmax | sigmoid | eql | fedloss (model/losses.py).
     _C.MODEL.ROI_BOX_HEAD.CLS_LOSS = "softmax"
+    # cat_info.json of the training set (per-category training image counts, written by the
+    # prepare stage): needed by eql and fedloss.
+    _C.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = ""
+    # Initial class probability of the sigmoid losses; sets the class logits' bias (focal-loss practice).
+    _C.MODEL.ROI_BOX_HEAD.PRIOR_PROB = 0.01
+    # fedloss: |S|, the categories that get a loss per iteration (report sec. 3: 50 on LVIS v1).
+    # -1: round(C * 50 / 1203), i.e. 50 on LVIS v1 and the same fraction of C elsewhere.
+    _C.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = -1
+    # fedloss: negatives are drawn with probability proportional to image_count ** this (report: 0.5).
+    _C.MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER = 0.5
+    # eql: negatives of foreground RoIs are kept only for the N most frequent categories (the
+    # report "ignores the 900 tail categories": N = 200 of LVIS v1's 1203).
+    # -1: round(C * 200 / 1203), the same fraction of C.
+    _C.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK = -1
     return cfg
