@@ -26,7 +26,7 @@ from pipeline import params as P
 from pipeline.synthetic import SyntheticSpec, frequency_bucket
 from pipeline.validate import DataError, validate_instances
 
-DATA_KEYS = ("name", "root", "synthetic")
+DATA_KEYS = ("name", "root", "annotations", "synthetic")
 FIGURES_DIR = Path("reports/figures")
 
 

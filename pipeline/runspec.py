@@ -1,0 +1,128 @@
+"""
+One run = one (detector, loss, seed, scale) on one dataset: resolved from ``params.yaml`` plus
+overrides into the record a run directory keeps (``run.json``) and the detectron2 config it trains.
+"""
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pipeline import params as P
+
+# The categories of the real datasets (their cat_info.json has one entry each).
+REAL_NUM_CLASSES = {"lvis_v1": 1203, "coco_2017": 80}
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run; ``run.json`` in the run directory."""
+
+    detector: str
+    loss: str
+    seed: int
+    scale: str
+    data: Dict[str, Any]
+    train: Dict[str, Any]
+    eval: Dict[str, Any]
+    study: str = "main"
+    row: str = ""
+    tracking_uri: Optional[str] = None
+    opts: List[Any] = field(default_factory=list)
+
+    @property
+    def ablation(self) -> str:
+        """The parent MLflow run's name: what differs between ablations, seeds aside."""
+        return self.row or f"{self.detector}+{self.loss}+{self.data_name}-{self.annotations}"
+
+    @property
+    def data_name(self) -> str:
+        return self.data.get("name", "synthetic")
+
+    @property
+    def annotations(self) -> str:
+        if self.data_name == "lvis_v1":
+            return "lvis"
+        if self.data_name == "coco_2017":
+            return "coco"
+        return self.data.get("annotations", "lvis")
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the prepare stage wrote this dataset (synthetic: the dataset; real: cat_info.json)."""
+        if self.data_name == "synthetic" and self.data.get("root"):
+            return Path(self.data["root"])
+        return Path("data") / self.data_name
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        return cls(**json.loads(text))
+
+
+def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[int] = None,
+            study: str = "main", row: str = "") -> RunSpec:
+    """Check ``params`` (after ``overrides``) and pick this run's settings; seed defaults to seeds[0]."""
+    params = P.apply_overrides(params, list(overrides))
+    P.validate(params)
+    seeds = params.get("seeds", [0])
+    return RunSpec(
+        detector=params.get("detector", "centernet2_agnostic"), loss=params.get("loss", "softmax"),
+        seed=seeds[0] if seed is None else seed, scale=params.get("scale", "synthetic"),
+        data=params.get("data", {"name": "synthetic"}), train=params.get("train", {}),
+        eval=params.get("eval", {}), study=study, row=row,
+        tracking_uri=P.get(params, "tracking.uri"), opts=list(P.get(params, "train.opts", []) or []))
+
+
+def num_classes(spec: RunSpec) -> int:
+    if spec.data_name in REAL_NUM_CLASSES:
+        return REAL_NUM_CLASSES[spec.data_name]
+    cat_info = spec.data_dir / "cat_info.json"
+    if not cat_info.is_file():
+        raise FileNotFoundError(f"{cat_info} not found: run `python -m pipeline.prepare` first")
+    return len(json.loads(cat_info.read_text()))
+
+
+def build_cfg(spec: RunSpec, run_dir: Path):
+    """The detectron2 config of ``spec``: detector yaml, scale preset, dataset, loss, overrides."""
+    import torch
+
+    from model import get_model_cfg
+    from pipeline import datasets
+
+    splits = datasets.layout(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
+                             else Path(spec.data.get("root") or datasets.default_root()))
+    if spec.annotations not in splits:
+        raise P.ParamError(f"params.yaml: data.annotations={spec.annotations!r}: {spec.data_name} has "
+                           f"{', '.join(splits)}")
+    train_split, val_split = splits[spec.annotations]
+    cfg = get_model_cfg(spec.detector, spec.scale, num_classes=num_classes(spec))
+    overrides = [
+        "DATASETS.TRAIN", (train_split.name,), "DATASETS.TEST", (val_split.name,),
+        "MODEL.ROI_BOX_HEAD.CLS_LOSS", spec.loss,
+        "MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH", str((spec.data_dir / "cat_info.json").resolve()),
+        "SEED", spec.seed, "OUTPUT_DIR", str(run_dir),
+    ]
+    if spec.annotations == "coco":  # exhaustive labels: no repeat-factor sampling (that is for LVIS)
+        overrides += ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
+    t = spec.train
+    if t.get("max_iter"):
+        # Scale the LR steps with the schedule (e.g. 60k/80k of 90k stay at 2/3 and 8/9).
+        old = cfg.SOLVER.MAX_ITER
+        overrides += ["SOLVER.MAX_ITER", t["max_iter"],
+                      "SOLVER.STEPS", tuple(max(1, round(s * t["max_iter"] / old)) for s in cfg.SOLVER.STEPS),
+                      "SOLVER.WARMUP_ITERS", min(cfg.SOLVER.WARMUP_ITERS, max(1, t["max_iter"] // 10))]
+    for key, cfg_key in (("ims_per_batch", "SOLVER.IMS_PER_BATCH"), ("base_lr", "SOLVER.BASE_LR"),
+                         ("checkpoint_period", "SOLVER.CHECKPOINT_PERIOD"),
+                         ("num_workers", "DATALOADER.NUM_WORKERS")):
+        if t.get(key) is not None:
+            overrides += [cfg_key, t[key]]
+    device = t.get("device", "auto")
+    if device != "auto":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise P.ParamError("params.yaml: train.device='cuda': no CUDA device is visible; allowed here: auto, cpu")
+        overrides += ["MODEL.DEVICE", device]
+    cfg.merge_from_list(overrides + list(spec.opts))
+    cfg.freeze()
+    return cfg

@@ -1,0 +1,170 @@
+"""One run: training that resumes exactly, stops on NaN, evaluation, and its MLflow records."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import evaluate as ev
+from pipeline import train as tr
+from pipeline.params import ROOT
+from pipeline.runspec import resolve
+from pipeline.synthetic import SyntheticSpec, generate
+
+MAX_ITER, CKPT = 6, 3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    generate(SyntheticSpec(num_train=24, num_val=6, num_classes=3, image_size=(64, 80), seed=2), data)
+    (data / "prepare.json").write_text(json.dumps({"checksum": "abc123"}))
+    params = {
+        "data": {"name": "synthetic", "root": str(data)}, "scale": "smoke",
+        "detector": "centernet2_agnostic", "loss": "fedloss", "seeds": [0, 1],
+        "train": {"max_iter": MAX_ITER, "checkpoint_period": CKPT, "log_period": 1, "num_workers": 0,
+                  "device": "cpu", "opts": []},
+    }
+    return {"root": root, "params": params}
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _weights(run_dir: Path):
+    return torch.load(run_dir / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+
+
+def _metric_rows(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / tr.METRICS_LOG).read_text().splitlines()]
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, mlflow_uri, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    spec = resolve(tiny["params"], seed=0, study="resume")
+    straight = tmp_path / "straight"
+    tr.run(straight, spec)
+
+    # The same run, killed during iteration 4 (after the checkpoint of iteration 2), then restarted.
+    crashed = tmp_path / "crashed"
+    original = tr.Trainer.run_step
+
+    def dies_at_4(self):
+        if self.iter == 4:
+            raise KeyboardInterrupt("simulated preemption")
+        original(self)
+
+    monkeypatch.setattr(tr.Trainer, "run_step", dies_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run(crashed, spec)
+    assert not (crashed / tr.DONE_FILE).exists() and not (crashed / "model_final.pth").exists()
+    assert (crashed / "last_checkpoint").read_text() == "model_0000002.pth"
+    monkeypatch.setattr(tr.Trainer, "run_step", original)
+    tr.run(crashed, spec)
+    assert json.loads((crashed / tr.DONE_FILE).read_text())["resumed_from"] == 3
+
+    a, b = _weights(straight), _weights(crashed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_a, rows_b = _metric_rows(straight), _metric_rows(crashed)
+    assert [r["step"] for r in rows_b] == list(range(MAX_ITER)) == [r["step"] for r in rows_a]
+    assert rows_a == rows_b
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("resume")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2  # one per run directory: the resumed run continued its own
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "total_loss")]
+        assert sorted(steps) == list(range(MAX_ITER))  # no duplicated steps after the resume
+        assert child.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.CENTERNET.HM_WEIGHT", float("nan")], "error: loss became NaN/inf at iteration 0: loss_centernet_hm=nan"),
+    (["MODEL.PIXEL_STD", [0.0, 0.0, 0.0]], "error: NaN/inf values in the forward pass at iteration 0"),
+])
+def test_nan_stops_with_iteration_and_loss_and_no_finished_run(tiny, tmp_path, mlflow_uri, capsys, opts, message):
+    params_file = tmp_path / "params.yaml"
+    params = {**tiny["params"], "train": {**tiny["params"]["train"], "opts": opts}}
+    params_file.write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as exc:
+        tr.main(["--params", str(params_file), "--run-dir", str(tmp_path / "nan")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(message), err
+    assert not (tmp_path / "nan" / "model_final.pth").exists()
+    assert not (tmp_path / "nan" / tr.DONE_FILE).exists()
+    assert not (tmp_path / "nan" / ev.METRICS_FILE).exists()
+
+
+def test_evaluate_writes_metrics_and_logs_them(tiny, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "evald"
+    spec = resolve(tiny["params"], seed=1, study="eval")
+    tr.run(run_dir, spec)
+    record = ev.evaluate(run_dir, warmup=1)
+    on_disk = json.loads((run_dir / ev.METRICS_FILE).read_text())
+    assert on_disk == record
+    box = record["bbox"]
+    assert set(box) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"}
+    assert all(v is None or 0.0 <= v <= 100.0 for v in box.values())
+    assert record["iteration"] == MAX_ITER - 1
+    assert record["dataset"]["checksum"] == "abc123"
+    assert record["runtime"]["ms_per_image"] > 0 and record["runtime"]["images"] == 5
+    assert record["runtime"]["device"] == "cpu" and record["runtime"]["threads"] >= 1
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run((run_dir / "mlflow_run_id").read_text())
+    assert run.data.metrics["bbox/AP"] == box["AP"]
+    assert run.data.tags["seed"] == "1" and run.data.tags["dataset_checksum"] == "abc123"
+    assert run.data.params["loss"] == "fedloss" and "d2.MODEL.ROI_BOX_HEAD.CLS_LOSS" in run.data.params
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "loss_curve.png", "metrics.json"} <= artifacts
+
+
+def test_unfinished_run_is_not_evaluated(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished training"):
+        ev.evaluate(tmp_path)
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from pipeline.tracking import Tracker
+    run_dir, seed = sys.argv[1], int(sys.argv[2])
+    t = Tracker()
+    t.start(run_dir, "concurrent", "agnostic+fedloss", seed, {"seed": seed}, {"seed": str(seed)})
+    for chunk in range(5):
+        t.log_metrics([(step, {"total_loss": float(step), "lr": 0.1}) for step in range(chunk * 10, chunk * 10 + 10)])
+    t.finish()
+""")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / f"seed{s}"), str(s)], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for s in range(4)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("concurrent")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    for c in children:
+        assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "total_loss")) == list(range(50))
