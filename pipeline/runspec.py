@@ -2,6 +2,8 @@
 One run = one (detector, loss, seed, scale) on one dataset: resolved from ``params.yaml`` plus
 overrides into the record a run directory keeps (``run.json``) and the detectron2 config it trains.
 """
+import copy
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +55,19 @@ class RunSpec:
             return Path(self.data["root"])
         return Path("data") / self.data_name
 
+    def identity(self) -> Dict[str, Any]:
+        """What determines the run's results: everything but its names, seed aside, and the
+        settings that change no number (logging period, data-loading workers)."""
+        train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers")}
+        return {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
+                "data": self.data, "train": train, "eval": self.eval, "opts": self.opts}
+
+    def key(self) -> str:
+        """The run store's directory name of this run's settings (seeds share it)."""
+        ident = {k: v for k, v in self.identity().items() if k != "seed"}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.detector}-{self.loss}-{self.data_name}-{self.annotations}-{self.scale}-{digest}"
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
@@ -73,6 +88,48 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
         data=params.get("data", {"name": "synthetic"}), train=params.get("train", {}),
         eval=params.get("eval", {}), study=study, row=row,
         tracking_uri=P.get(params, "tracking.uri"), opts=list(P.get(params, "train.opts", []) or []))
+
+
+ROW_KEYS = ("detector", "loss", "seeds", "scale", "data", "train")
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def study_rows(params: Dict[str, Any], study: str) -> Dict[str, Dict[str, Any]]:
+    """The rows of ``studies.<study>``, each checked and merged into the top-level params."""
+    studies = params.get("studies") or {}
+    if study not in studies:
+        raise P.ParamError(f"params.yaml: studies.{study}: no such study; allowed: {', '.join(studies) or '(none)'}")
+    rows = {}
+    for name, row in (studies[study] or {}).items():
+        prefix = f"studies.{study}.{name}"
+        if not isinstance(row, dict):
+            raise P.ParamError(f"params.yaml: {prefix} must be a mapping with keys: {', '.join(ROW_KEYS)}")
+        P.check_keys(row, ROW_KEYS, f"{prefix}.")
+        for required in ("detector", "loss"):
+            if required not in row:
+                raise P.ParamError(f"params.yaml: {prefix}: missing key '{required}'")
+        merged = _merge(params, {k: v for k, v in row.items()})
+        merged.pop("studies", None)
+        try:
+            P.validate(merged, source=f"params.yaml ({prefix})")
+        except P.ParamError as e:
+            raise P.ParamError(str(e).replace(f"params.yaml ({prefix}): ", f"params.yaml: {prefix}.")) from None
+        rows[name] = merged
+    return rows
+
+
+def study_specs(params: Dict[str, Any], study: str) -> Dict[str, List[RunSpec]]:
+    """Per row of a study, one RunSpec per seed."""
+    out = {}
+    for name, merged in study_rows(params, study).items():
+        out[name] = [resolve(merged, seed=s, study=study, row=name) for s in merged["seeds"]]
+    return out
 
 
 def num_classes(spec: RunSpec) -> int:

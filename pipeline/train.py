@@ -216,7 +216,7 @@ def prepare_run_dir(run_dir: Path, spec: RunSpec, cfg) -> None:
     record = run_dir / "run.json"
     if record.is_file():
         previous = RunSpec.from_json(record.read_text())
-        if previous != spec:
+        if previous.identity() != spec.identity():
             raise P.ParamError(f"{run_dir}: holds a run with other settings (see its run.json); "
                                f"use a new --run-dir")
         return

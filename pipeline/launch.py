@@ -1,0 +1,174 @@
+"""
+Hand a stage's runs to submitit and wait for them.
+
+``launcher.cluster`` (params.yaml) picks the executor:
+- ``local`` (default): each run is a local process, ``launcher.parallel`` at a time;
+- ``slurm``: one Slurm job array with the profile's partition, GPUs, CPUs, memory, ``timeout_min`` and
+  ``launcher.parallel`` as array parallelism (``slurm/*.yaml``);
+- ``debug``: in this process, one after the other (breakpoints work).
+
+A run job trains (resuming whatever checkpoint its directory holds) and evaluates; a finished run is
+not redone. A failed job fails the stage with the job's id and the tail of its stderr; Ctrl-C cancels
+every submitted job; a Slurm job preempted or timed out is requeued by submitit
+(``Checkpointable``) and resumes from its last checkpoint. Jobs of several GPUs use detectron2's
+``launch``.
+"""
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import submitit
+import yaml
+
+from pipeline import params as P
+from pipeline.runspec import RunSpec
+
+logger = logging.getLogger("pipeline.launch")
+SLURM_DIR = P.ROOT / "slurm"
+# Profile keys and the submitit parameters they set.
+PROFILE_KEYS = {
+    "partition": "slurm_partition",
+    "gpus_per_node": "gpus_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "mem_gb": "mem_gb",
+    "nodes": "nodes",
+    "constraint": "slurm_constraint",
+    "account": "slurm_account",
+    "qos": "slurm_qos",
+    "additional_parameters": "slurm_additional_parameters",
+    "setup": "slurm_setup",
+}
+
+
+class StageFailed(RuntimeError):
+    """A job of the stage failed; the message names the job and ends with its stderr's tail."""
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """
+    Train and evaluate one run in its directory. On preemption or timeout submitit calls
+    :meth:`checkpoint` (inherited), which resubmits this same call: training resumes from the run
+    directory's last checkpoint, so nothing more needs saving.
+    """
+
+    def __call__(self, run_dir: str, spec_json: str, cwd: str, threads: int = 0, gpus: int = 0) -> Dict[str, Any]:
+        import torch
+
+        os.chdir(cwd)  # data paths in a run's settings are relative to the stage's directory
+        if threads:
+            torch.set_num_threads(threads)
+        from pipeline import evaluate, train
+
+        spec = RunSpec.from_json(spec_json)
+        metrics_file = Path(run_dir) / evaluate.METRICS_FILE
+        if not (Path(run_dir) / train.DONE_FILE).is_file():
+            if gpus > 1:
+                from detectron2.engine import launch
+
+                launch(_train_worker, gpus, dist_url="auto", args=(run_dir, spec_json))
+            else:
+                train.run(Path(run_dir), spec)
+        if not metrics_file.is_file():
+            evaluate.evaluate(Path(run_dir), warmup=spec.eval.get("warmup", 5),
+                              max_images=spec.eval.get("max_images"))
+        return yaml.safe_load(metrics_file.read_text())
+
+
+def _train_worker(run_dir: str, spec_json: str) -> None:
+    from pipeline import train
+
+    train.run(Path(run_dir), RunSpec.from_json(spec_json))
+
+
+def load_profile(name: Optional[str]) -> Dict[str, Any]:
+    if not name:
+        raise P.ParamError("params.yaml: launcher.profile is null; launcher.cluster=slurm needs a profile, "
+                           f"allowed: {', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}")
+    path = Path(name) if Path(name).is_file() else SLURM_DIR / name
+    if not path.is_file():
+        raise P.ParamError(f"params.yaml: launcher.profile={name!r}: not found; allowed: "
+                           f"{', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}")
+    profile = yaml.safe_load(path.read_text()) or {}
+    P.check_keys(profile, PROFILE_KEYS, "", source=str(path))
+    return profile
+
+
+def _tail(job, lines: int = 25) -> str:
+    try:
+        text = job.stderr() or ""
+    except Exception:  # noqa: BLE001  (a job that never started has no log)
+        text = ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _executor(launcher: Dict[str, Any], folder: Path, name: str):
+    cluster = launcher.get("cluster", "local")
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
+    executor.update_parameters(timeout_min=launcher.get("timeout_min", 600), name=name)
+    gpus = threads = 0
+    if cluster == "slurm":
+        profile = load_profile(launcher.get("profile"))
+        executor.update_parameters(**{PROFILE_KEYS[k]: v for k, v in profile.items()},
+                                   slurm_array_parallelism=launcher.get("parallel", 2))
+        gpus = int(profile.get("gpus_per_node", 0))
+        threads = int(profile.get("cpus_per_task", 0))
+    elif cluster == "local":
+        # Share the cores between the parallel jobs instead of oversubscribing them.
+        threads = max(1, (os.cpu_count() or 1) // max(1, launcher.get("parallel", 2)))
+    return executor, gpus, threads
+
+
+def run_all(requests: Sequence[Tuple[Path, RunSpec]], launcher: Dict[str, Any], folder: Path,
+            name: str = "cn2") -> List[Dict[str, Any]]:
+    """Run every (run_dir, spec) and return their metrics, in order. Blocks until all finish."""
+    if not requests:
+        return []
+    executor, gpus, threads = _executor(launcher, folder, name)
+    n = len(requests)
+    args = ([str(d) for d, _ in requests], [s.to_json() for _, s in requests], [os.getcwd()] * n,
+            [threads] * n, [gpus] * n)
+    cluster = launcher.get("cluster", "local")
+    wave = len(requests) if cluster != "local" else max(1, launcher.get("parallel", 2))
+    results: List[Optional[Dict[str, Any]]] = []
+    jobs: List[Any] = []
+    try:
+        for start in range(0, len(requests), wave):
+            chunk = [a[start:start + wave] for a in args]
+            batch = executor.map_array(RunJob(), *chunk)
+            jobs += batch
+            logger.info(f"submitted {len(batch)} job(s) to {cluster}: {', '.join(j.job_id for j in batch)}; "
+                        f"logs in {folder}")
+            results += [_wait(job) for job in batch]
+    except KeyboardInterrupt:
+        for job in jobs:
+            if not job.done():
+                job.cancel(check=False)
+        logger.error(f"interrupted: cancelled {sum(not j.done() for j in jobs)} job(s)")
+        raise
+    return results
+
+
+def _wait(job) -> Dict[str, Any]:
+    # A debug job runs inside result(); the others are polled.
+    while not isinstance(job, submitit.DebugJob) and not job.done():
+        time.sleep(2)
+    try:
+        return job.result()
+    except Exception as e:  # noqa: BLE001  (submitit wraps the job's own exception)
+        raise StageFailed(f"job {job.job_id} failed ({type(e).__name__}); last lines of its stderr "
+                          f"({job.paths.stderr}):\n{_tail(job)}") from None
+
+
+def main_guard(func):
+    """Run a stage entry point: one-line errors for bad params, the job's tail for a failed job."""
+    try:
+        func()
+    except P.ParamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
