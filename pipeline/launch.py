@@ -131,24 +131,39 @@ def run_all(requests: Sequence[Tuple[Path, RunSpec]], launcher: Dict[str, Any], 
     args = ([str(d) for d, _ in requests], [s.to_json() for _, s in requests], [os.getcwd()] * n,
             [threads] * n, [gpus] * n)
     cluster = launcher.get("cluster", "local")
-    wave = len(requests) if cluster != "local" else max(1, launcher.get("parallel", 2))
-    results: List[Optional[Dict[str, Any]]] = []
     jobs: List[Any] = []
     try:
-        for start in range(0, len(requests), wave):
-            chunk = [a[start:start + wave] for a in args]
-            batch = executor.map_array(RunJob(), *chunk)
-            jobs += batch
-            logger.info(f"submitted {len(batch)} job(s) to {cluster}: {', '.join(j.job_id for j in batch)}; "
-                        f"logs in {folder}")
-            results += [_wait(job) for job in batch]
-    except KeyboardInterrupt:
-        for job in jobs:
-            if not job.done():
-                job.cancel(check=False)
-        logger.error(f"interrupted: cancelled {sum(not j.done() for j in jobs)} job(s)")
+        if cluster == "local":
+            # No job arrays on the local executor: keep `parallel` jobs running, start the next
+            # as soon as one ends.
+            parallel = max(1, launcher.get("parallel", 2))
+            pending = list(range(len(requests)))
+            active: List[Any] = []
+            while pending or active:
+                while pending and len(active) < parallel:
+                    i = pending.pop(0)
+                    job = executor.submit(RunJob(), *(a[i] for a in args))
+                    jobs.append(job)
+                    active.append(job)
+                    logger.info(f"job {job.job_id}: {requests[i][0]} (logs in {folder / job.job_id})")
+                done = [j for j in active if j.done()]
+                for job in done:
+                    active.remove(job)
+                    _wait(job)  # raises StageFailed on a failed job
+                if not done:
+                    time.sleep(1)
+            return [_wait(job) for job in jobs]
+        jobs = executor.map_array(RunJob(), *args)
+        logger.info(f"submitted {len(jobs)} job(s) to {cluster}: {', '.join(j.job_id for j in jobs)}; "
+                    f"logs in {folder}")
+        return [_wait(job) for job in jobs]
+    except (KeyboardInterrupt, StageFailed):
+        running = [j for j in jobs if not j.done()]
+        for job in running:
+            job.cancel(check=False)
+        if running:
+            logger.error(f"cancelled {len(running)} running job(s): {', '.join(j.job_id for j in running)}")
         raise
-    return results
 
 
 def _wait(job) -> Dict[str, Any]:

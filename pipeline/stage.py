@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from pipeline import params as P
+from pipeline.evaluate import METRICS_FILE
 from pipeline.launch import main_guard, run_all
 from pipeline.runspec import RunSpec, resolve, study_rows, study_specs
 from pipeline.tracking import RUN_ID_FILE, Tracker, repo_root
@@ -82,9 +83,12 @@ def _execute(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: st
     for specs in groups.values():
         for spec in specs:
             unique.setdefault(run_dir(spec), spec)
+    # Finished runs (evaluated) are read, not resubmitted.
+    metrics = {d: json.loads((d / METRICS_FILE).read_text()) for d in unique if (d / METRICS_FILE).is_file()}
+    todo = [(d, s) for d, s in unique.items() if d not in metrics]
     launcher = params.get("launcher") or {}
     logs = repo_root() / "slurm-logs" if launcher.get("cluster") == "slurm" else run_store() / "_jobs"
-    metrics = dict(zip(unique, run_all(list(unique.items()), launcher, logs, name=f"cn2-{study}")))
+    metrics.update(zip([d for d, _ in todo], run_all(todo, launcher, logs, name=f"cn2-{study}")))
     _tag_usage(groups, params, study)
     return _summarise({row: [(s, metrics[run_dir(s)]) for s in specs] for row, specs in groups.items()})
 

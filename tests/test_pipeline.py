@@ -1,0 +1,168 @@
+"""The whole DAG, end to end at smoke scale, in a temporary git repository, as a user drives it."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ROOT
+
+STUDIES = {
+    "table1": {"centernet2_agnostic": {"detector": "centernet2_agnostic", "loss": "softmax"},
+               "cascadercnn": {"detector": "cascadercnn", "loss": "softmax"}},
+    # Its softmax row is table1's centernet2_agnostic run: trained once, shared.
+    "table2": {"centernet2_agnostic_softmax": {"detector": "centernet2_agnostic", "loss": "softmax"},
+               "centernet2_agnostic_fedloss": {"detector": "centernet2_agnostic", "loss": "fedloss"}},
+}
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def sh(repo: Path, *cmd, check=True, **kw):
+    proc = subprocess.run(list(cmd), cwd=repo, env=_env(), capture_output=True, text=True, **kw)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _commit(repo: Path, message: str):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty")
+
+
+def _set_params(repo: Path, **changes):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in changes.items():
+        node = params
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("dag") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    sh(repo, "git", "init", "-q")
+    _set_params(repo, **{"data.synthetic.num_train": 24, "data.synthetic.num_val": 6,
+                         "data.synthetic.num_classes": 3, "data.synthetic.image_size": [64, 80],
+                         "scale": "smoke", "train.max_iter": 4, "train.checkpoint_period": 2,
+                         "train.log_period": 1, "train.ims_per_batch": 2, "eval.warmup": 1, "studies": STUDIES})
+    _commit(repo, "smoke-scale pipeline")
+    first = sh(repo, "dvc", "repro")
+    _commit(repo, "ran")
+    return {"path": repo, "first": first.stdout}
+
+
+def test_repro_builds_every_output_and_shares_identical_runs(repo):
+    r = repo["path"]
+    for stage in ("prepare", "main", "study@table1", "study@table2", "aggregate", "report"):
+        assert f"Running stage '{stage}'" in repo["first"]
+    # main (agnostic+softmax) = table1's agnostic = table2's softmax: 3 distinct settings x 2 seeds.
+    assert len(list((r / "runs").glob("*/seed*"))) == 6
+    main = json.loads((r / "results" / "main.json").read_text())
+    assert main["n_seeds"] == 2 and 0 <= main["bbox"]["AP"] <= 100
+    table1 = (r / "reports" / "table1.md").read_text()
+    assert "| CenterNet2-agnostic | " in table1 and "(n=2) · paper 26.9 ± 0.05 · Δ" in table1
+    assert "CenterNet-FPN" not in table1.split("## Comparisons")[0]  # not in this study: no row
+    assert "centernet2_agnostic vs cascadercnn | AP |" in table1
+    summary = json.loads((r / "reports" / "summary.json").read_text())
+    assert summary["table2"]["centernet2_agnostic_softmax"]["AP"] == summary["table1"]["centernet2_agnostic"]["AP"]
+    for fig in ("ap_rcf.png", "loss_curves.png", "accuracy_vs_runtime.png", "data_samples.png"):
+        assert (r / "reports" / "figures" / fig).stat().st_size > 1000
+    runs_md = (r / "reports" / "runs.md").read_text()
+    assert runs_md.count("| table1 |") == 4 and "missing" not in runs_md
+    assert (r / "mlflow.db").is_file()
+
+
+def test_second_repro_does_nothing(repo):
+    out = sh(repo["path"], "dvc", "repro").stdout
+    assert "Running stage" not in out and "Data and pipelines are up to date." in out
+
+
+def test_exp_run_with_another_loss_reruns_only_main(repo):
+    out = sh(repo["path"], "dvc", "exp", "run", "-S", "loss=eql").stdout
+    assert "Running stage 'main'" in out
+    assert "Running stage 'study" not in out and "Running stage 'aggregate'" not in out
+    shown = json.loads(sh(repo["path"], "dvc", "exp", "show", "--json").stdout)
+    aps = [exp for exp in json.dumps(shown).split('"bbox"')[1:]]
+    assert len(aps) >= 2  # the baseline's and the experiment's APs, side by side
+
+
+def test_unknown_key_and_bad_value_fail_clearly(repo):
+    r = repo["path"]
+    bad = sh(r, "dvc", "exp", "run", "-S", "nosuchkey=1", check=False)
+    assert bad.returncode != 0 and "nosuchkey" in bad.stdout + bad.stderr
+    params = yaml.safe_load((r / "params.yaml").read_text())
+    params["loss"] = "focal"
+    (r / "bad.yaml").write_text(yaml.safe_dump(params))
+    bad = sh(r, sys.executable, "-m", "pipeline.stage", "main", "--params", "bad.yaml", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: loss='focal': allowed values: softmax, sigmoid, eql, fedloss")
+    (r / "bad.yaml").unlink()
+
+
+def test_interrupted_stage_resumes_its_runs(repo):
+    r = repo["path"]
+    sh(r, "git", "checkout", "-q", "--", "params.yaml")
+    _set_params(r, **{"train.max_iter": 60})
+    proc = subprocess.Popen(["dvc", "repro", "-s", "main"], cwd=r, env=_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+
+    def unfinished_with_checkpoint():
+        return [d for d in (r / "runs").glob("centernet2_agnostic-softmax-*/seed*")
+                if (d / "model_0000003.pth").exists() and not (d / "train_done.json").exists()]
+
+    while not unfinished_with_checkpoint():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    # Ctrl-C cancelled the jobs: no job process of this repository is left running.
+    deadline = time.time() + 30
+    while str(r) in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+        assert time.time() < deadline, "jobs still running after the interrupt"
+        time.sleep(1)
+    interrupted = unfinished_with_checkpoint()
+    assert interrupted
+    sh(r, "dvc", "repro", "-s", "main")
+    for d in interrupted:
+        done = json.loads((d / "train_done.json").read_text())
+        assert done["resumed_from"] >= 4 and done["iterations"] == 60
+        steps = [json.loads(line)["step"] for line in (d / "train_metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(60))
+
+
+
+def test_aggregate_uses_exactly_the_current_seeds(repo):
+    r = repo["path"]
+    sh(r, "git", "checkout", "-q", "--", "params.yaml")
+    _set_params(r, seeds=[0])
+    sh(r, "dvc", "repro")
+    summary = json.loads((r / "reports" / "summary.json").read_text())
+    assert summary["table1"]["cascadercnn"]["AP_n"] == 1
+    assert "(n=1)" in (r / "reports" / "table1.md").read_text()
+    assert list((r / "runs").glob("cascadercnn-*/seed1"))  # the old seed's run is still on disk...
+    seed0 = json.loads(next((r / "runs").glob("cascadercnn-*/seed0/metrics.json")).read_text())
+    assert summary["table1"]["cascadercnn"]["AP"] == pytest.approx(seed0["bbox"]["AP"], abs=1e-3)  # ...but unused
