@@ -1,17 +1,15 @@
 """The whole DAG, end to end at smoke scale, in a temporary git repository, as a user drives it."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.params import ROOT
+from tests.helpers import commit, env, scratch_repo, set_params, sh
 
 STUDIES = {
     "table1": {"centernet2_agnostic": {"detector": "centernet2_agnostic", "loss": "softmax"},
@@ -22,53 +20,11 @@ STUDIES = {
 }
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def sh(repo: Path, *cmd, check=True, **kw):
-    proc = subprocess.run(list(cmd), cwd=repo, env=_env(), capture_output=True, text=True, **kw)
-    if check and proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _commit(repo: Path, message: str):
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty")
-
-
-def _set_params(repo: Path, **changes):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in changes.items():
-        node = params
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("dag") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, repo / f)
-    sh(repo, "git", "init", "-q")
-    _set_params(repo, **{"data.synthetic.num_train": 24, "data.synthetic.num_val": 6,
-                         "data.synthetic.num_classes": 3, "data.synthetic.image_size": [64, 80],
-                         "scale": "smoke", "train.max_iter": 4, "train.checkpoint_period": 2,
-                         "train.log_period": 1, "train.ims_per_batch": 2, "eval.warmup": 1, "studies": STUDIES})
-    _commit(repo, "smoke-scale pipeline")
+    repo = scratch_repo(tmp_path_factory.mktemp("dag"), studies=STUDIES)
     first = sh(repo, "dvc", "repro")
-    _commit(repo, "ran")
+    commit(repo, "ran")
     return {"path": repo, "first": first.stdout}
 
 
@@ -124,8 +80,8 @@ def test_unknown_key_and_bad_value_fail_clearly(repo):
 def test_interrupted_stage_resumes_its_runs(repo):
     r = repo["path"]
     sh(r, "git", "checkout", "-q", "--", "params.yaml")
-    _set_params(r, **{"train.max_iter": 60})
-    proc = subprocess.Popen(["dvc", "repro", "-s", "main"], cwd=r, env=_env(), start_new_session=True,
+    set_params(r, **{"train.max_iter": 60})
+    proc = subprocess.Popen(["dvc", "repro", "-s", "main"], cwd=r, env=env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
 
@@ -158,7 +114,7 @@ def test_interrupted_stage_resumes_its_runs(repo):
 def test_aggregate_uses_exactly_the_current_seeds(repo):
     r = repo["path"]
     sh(r, "git", "checkout", "-q", "--", "params.yaml")
-    _set_params(r, seeds=[0])
+    set_params(r, seeds=[0])
     sh(r, "dvc", "repro")
     summary = json.loads((r / "reports" / "summary.json").read_text())
     assert summary["table1"]["cascadercnn"]["AP_n"] == 1

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Start a one-node Slurm cluster on this machine (idempotent): installs slurm-wlm, munge, slurmdbd
+# and MariaDB when missing, creates the munge key, starts munged, a private MariaDB, slurmdbd,
+# slurmctld and slurmd directly (no systemd), and waits until `sinfo` shows the node idle.
+# State, logs and pid files live in $CN2_SLURM_DIR (default /tmp/cn2-slurm); stop.sh stops exactly
+# what this script started. Needs root.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+RUN="${CN2_SLURM_DIR:-/tmp/cn2-slurm}"
+DBPORT="${CN2_SLURM_DB_PORT:-3307}"
+MARKER="# cn2-local-cluster"
+log() { echo "[local-cluster] $*"; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v slurmdbd >/dev/null \
+   || ! command -v mariadbd >/dev/null; then
+  log "installing slurm-wlm, munge, slurmdbd, mariadb-server (apt)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge slurmdbd mariadb-server >/dev/null
+fi
+
+mkdir -p "$RUN"/{state,spool,log,mysql} /etc/slurm
+for conf in slurm.conf slurmdbd.conf; do
+  if [ -f /etc/slurm/$conf ] && ! grep -q "^$MARKER" /etc/slurm/$conf; then
+    echo "error: /etc/slurm/$conf exists and is not the local test cluster's; not touching it" >&2
+    exit 1
+  fi
+done
+cpus=$(nproc)
+mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
+old_conf=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
+sed -e "s#@RUN@#$RUN#g" -e "s#@CPUS@#$cpus#g" -e "s#@MEM_MB@#$mem_mb#g" "$here/slurm.conf.in" > /etc/slurm/slurm.conf
+conf_changed=$([ "$old_conf" != "$(cat /etc/slurm/slurm.conf)" ] && echo yes || echo no)
+sed -e "s#@RUN@#$RUN#g" -e "s#@DBPORT@#$DBPORT#g" "$here/slurmdbd.conf.in" > /etc/slurm/slurmdbd.conf
+chmod 600 /etc/slurm/slurmdbd.conf
+touch "$RUN/started"
+
+# munge: one key, one daemon.
+if [ ! -s /etc/munge/munge.key ]; then
+  log "creating the munge key"
+  mkdir -p /etc/munge
+  dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+  chown munge:munge /etc/munge/munge.key
+  chmod 400 /etc/munge/munge.key
+fi
+mkdir -p /run/munge /var/log/munge /var/lib/munge
+chown munge:munge /run/munge /var/log/munge /var/lib/munge
+if ! alive /run/munge/munged.pid; then
+  log "starting munged"
+  runuser -u munge -- /usr/sbin/munged
+  grep -qx munged "$RUN/started" || echo munged >> "$RUN/started"
+fi
+
+# MariaDB for slurmdbd, private to this cluster (own datadir, socket and port).
+if ! alive "$RUN/mysqld.pid"; then
+  if [ ! -d "$RUN/mysql/mysql" ]; then
+    log "initialising MariaDB in $RUN/mysql"
+    mariadb-install-db --no-defaults --datadir="$RUN/mysql" --user=root --skip-test-db \
+      --auth-root-authentication-method=normal >/dev/null
+  fi
+  log "starting MariaDB on 127.0.0.1:$DBPORT"
+  nohup mariadbd --no-defaults --datadir="$RUN/mysql" --socket="$RUN/mysqld.sock" --port="$DBPORT" \
+    --bind-address=127.0.0.1 --pid-file="$RUN/mysqld.pid" --user=root >"$RUN/log/mysqld.log" 2>&1 &
+  for _ in $(seq 60); do [ -S "$RUN/mysqld.sock" ] && break; sleep 0.5; done
+  mariadb --no-defaults -S "$RUN/mysqld.sock" -u root -e "
+    CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+    CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+    CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+  grep -qx mysqld "$RUN/started" || echo mysqld >> "$RUN/started"
+fi
+
+if ! alive "$RUN/slurmdbd.pid"; then
+  log "starting slurmdbd"
+  slurmdbd
+  for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
+  grep -qx slurmdbd "$RUN/started" || echo slurmdbd >> "$RUN/started"
+fi
+sacctmgr -n list cluster format=cluster | grep -qw cn2local || sacctmgr -i add cluster cn2local >/dev/null
+
+if alive "$RUN/slurmctld.pid" && [ "$conf_changed" = yes ]; then
+  log "slurm.conf changed: reconfiguring the running daemons"
+  scontrol reconfigure
+fi
+if ! alive "$RUN/slurmctld.pid"; then
+  log "starting slurmctld"
+  slurmctld
+  grep -qx slurmctld "$RUN/started" || echo slurmctld >> "$RUN/started"
+fi
+if ! alive "$RUN/slurmd.pid"; then
+  log "starting slurmd"
+  slurmd -N localhost
+  grep -qx slurmd "$RUN/started" || echo slurmd >> "$RUN/started"
+fi
+
+for i in $(seq 120); do
+  state=$(sinfo -h -n localhost -o %T 2>/dev/null || true)
+  case "$state" in
+    idle|mixed|allocated) log "node localhost is $state ($cpus CPUs, $mem_mb MB); sinfo:"; sinfo; exit 0 ;;
+    down*|drain*) scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true ;;
+  esac
+  sleep 0.5
+done
+echo "error: the node did not become idle; see $RUN/log/" >&2
+exit 1

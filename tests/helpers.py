@@ -1,0 +1,60 @@
+"""A scratch copy of this repository as its own git repo, driven like a user drives it."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.params import ROOT
+
+SMOKE = {"data.synthetic.num_train": 24, "data.synthetic.num_val": 6, "data.synthetic.num_classes": 3,
+         "data.synthetic.image_size": [64, 80], "scale": "smoke", "train.max_iter": 4,
+         "train.checkpoint_period": 2, "train.log_period": 1, "train.ims_per_batch": 2, "eval.warmup": 1}
+
+
+def env():
+    """This environment's python and dvc first on PATH; MLflow's default store (the repo's)."""
+    out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    return out
+
+
+def sh(repo: Path, *cmd, check=True, **kw):
+    proc = subprocess.run(list(cmd), cwd=repo, env=env(), capture_output=True, text=True, **kw)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def commit(repo: Path, message: str):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty")
+
+
+def set_params(repo: Path, **changes):
+    """``set_params(repo, **{"train.max_iter": 8})``: dotted keys into params.yaml."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in changes.items():
+        node = params
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def scratch_repo(path: Path, **params) -> Path:
+    """This working tree's files (tracked and new) in ``path``, a git repo of one commit."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (path / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, path / f)
+    sh(path, "git", "init", "-q")
+    set_params(path, **{**SMOKE, **params})
+    commit(path, "smoke-scale pipeline")
+    return path
