@@ -68,4 +68,22 @@ def add_centernet2_config(cfg: CN) -> CN:
     # report "ignores the 900 tail categories": N = 200 of LVIS v1's 1203).
     # -1: round(C * 200 / 1203), the same fraction of C.
     _C.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK = -1
+
+    # ---- PointRend mask head (model/point_rend.py; Table 3 "+ PointRend") ----------------------
+    _C.MODEL.POINT_HEAD = CN()
+    # FPN maps the point head samples fine-grained features from, and their strides (the finest level).
+    _C.MODEL.POINT_HEAD.IN_FEATURES = ["p3"]
+    _C.MODEL.POINT_HEAD.FEATURE_STRIDES = [8]
+    # The point MLP: width and number of hidden layers.
+    _C.MODEL.POINT_HEAD.FC_DIM = 256
+    _C.MODEL.POINT_HEAD.NUM_FC = 3
+    # Training points per RoI (N), oversampling factor (k) and the uncertain share (beta) (paper sec. 3.1).
+    _C.MODEL.POINT_HEAD.TRAIN_NUM_POINTS = 196
+    _C.MODEL.POINT_HEAD.OVERSAMPLE_RATIO = 3.0
+    _C.MODEL.POINT_HEAD.IMPORTANCE_RATIO = 0.75
+    # Inference: 2x upsampling steps from the coarse 28x28 mask, and cells re-predicted per step.
+    _C.MODEL.POINT_HEAD.SUBDIVISION_STEPS = 2
+    _C.MODEL.POINT_HEAD.SUBDIVISION_NUM_POINTS = 784
+    # Weight of the point loss beside the coarse mask loss.
+    _C.MODEL.POINT_HEAD.LOSS_WEIGHT = 1.0
     return cfg

@@ -22,6 +22,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 
 from .config import add_centernet2_config
+from .switches import apply_switches
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -113,7 +114,7 @@ SCALES: Dict[str, Dict[str, object]] = {
 
 
 def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int] = None,
-                  overrides: Iterable = ()) -> CfgNode:
+                  overrides: Iterable = (), switches: Iterable[str] = ()) -> CfgNode:
     """
     The detectron2 config of a Table 1 detector at a scale.
 
@@ -121,6 +122,7 @@ def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int
         detector: a key of ``DETECTORS``; scale: a key of ``SCALES``.
         num_classes: categories of the dataset (sets the RoI heads' and the heatmaps').
         overrides: flat [KEY, VALUE, ...] applied last.
+        switches: Table 3 steps (``model/switches.py``), applied before ``overrides``.
     ``MODEL.DEVICE`` is "cuda" when a GPU is visible, else "cpu" (an override can still set it).
     """
     if detector not in DETECTORS:
@@ -134,5 +136,6 @@ def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int
     if num_classes is not None:
         cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
                              "MODEL.CENTERNET.NUM_CLASSES", num_classes])
+    apply_switches(cfg, switches)
     cfg.merge_from_list(list(overrides))
     return cfg

@@ -6,9 +6,11 @@ from detectron2.config import configurable
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import Instances
 
 from .fast_rcnn import CN2FastRCNNOutputLayers
+from .point_rend import CN2PointRendMaskHead
 
 
 def combine_scores(cls_probs: torch.Tensor, proposal_scores: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,16 @@ class CenterNet2CascadeROIHeads(CascadeROIHeads):
             for head, w in zip(ret["box_heads"], cfg.MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS)
         ]
         return ret
+
+    def _forward_mask(self, features, instances: List[Instances]):
+        """detectron2's mask branch; PointRend also gets the FPN maps, for its fine-grained features."""
+        if not self.mask_on or not isinstance(self.mask_head, CN2PointRendMaskHead):
+            return super()._forward_mask(features, instances)
+        if self.training:
+            instances, _ = select_foreground_proposals(instances, self.num_classes)
+        boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
+        pooled = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
+        return self.mask_head(pooled, instances, features)
 
     def _forward_box(self, features, proposals: List[Instances], targets=None):
         if self.training:

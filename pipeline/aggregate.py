@@ -139,6 +139,9 @@ def render(study: str, params: Dict[str, Any], summary: Dict[str, Any], comparis
     if study not in summary:
         lines += [f"Not run: params.yaml has no study `{study}`.", ""]
         return "\n".join(lines)
+    if study not in (params.get("run_studies") or []):
+        lines += [f"Not run: `{study}` is not in params.yaml's `run_studies` "
+                  f"(`dvc exp run -S 'run_studies=[...,{study}]'` runs it).", ""]
     rows = summary[study]
     merged_rows = study_rows(params, study)
     paper_rows = paper.get(study, {})

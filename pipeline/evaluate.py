@@ -76,6 +76,10 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: int = None) -> dict:
     model = build_model(cfg)
     checkpoint = DetectionCheckpointer(model).load(str(run_dir / "model_final.pth"))
     model.eval()
+    if cfg.TEST.AUG.ENABLED:  # Table 3 "+ test-aug": detectron2's TTA for R-CNNs, boxes and masks merged
+        from detectron2.modeling import GeneralizedRCNNWithTTA
+
+        model = GeneralizedRCNNWithTTA(cfg, model)
     timed = TimedModel(model)
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     out_dir = run_dir / "eval"

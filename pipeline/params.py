@@ -90,6 +90,13 @@ def _seeds(v):
         return "must not repeat a seed"
 
 
+def _switches(v):
+    from model.switches import SWITCHES
+
+    if not isinstance(v, list) or any(name not in SWITCHES for name in v):
+        return f"must be a list of switch names from: {', '.join(SWITCHES)}"
+
+
 def _opts(v):
     if not isinstance(v, list) or len(v) % 2:
         return "must be a flat list [KEY, VALUE, ...] of detectron2 config overrides"
@@ -109,12 +116,15 @@ def schema() -> Dict[str, Any]:
         "detector": _choice(*DETECTOR_NAMES),
         "loss": _choice(*LOSS_NAMES),
         "seeds": _seeds,
+        "switches": _switches,
         "train": {"max_iter": _int(1, True), "ims_per_batch": _int(1, True), "base_lr": _number(0, True),
                   "checkpoint_period": _int(1, True), "log_period": _int(1), "num_workers": _int(0, True),
                   "device": _choice(*DEVICES), "opts": _opts},
         "eval": {"warmup": _int(0), "max_images": _int(1, True)},
         "tracking": {"uri": _str()},
         "studies": lambda v: None if isinstance(v, dict) else "must be a mapping of study name to rows",
+        "run_studies": lambda v: None if isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else "must be a list of study names",
         "launcher": {"cluster": _choice(*CLUSTERS), "profile": _str(), "timeout_min": _int(1),
                      "parallel": _int(1)},
     }

@@ -30,6 +30,7 @@ class RunSpec:
     row: str = ""
     tracking_uri: Optional[str] = None
     opts: List[Any] = field(default_factory=list)
+    switches: List[str] = field(default_factory=list)
 
     @property
     def ablation(self) -> str:
@@ -60,7 +61,8 @@ class RunSpec:
         settings that change no number (logging period, data-loading workers)."""
         train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers")}
         return {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
-                "data": self.data, "train": train, "eval": self.eval, "opts": self.opts}
+                "data": self.data, "train": train, "eval": self.eval, "opts": self.opts,
+                "switches": self.switches}
 
     def key(self) -> str:
         """The run store's directory name of this run's settings (seeds share it)."""
@@ -87,10 +89,11 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
         seed=seeds[0] if seed is None else seed, scale=params.get("scale", "synthetic"),
         data=params.get("data", {"name": "synthetic"}), train=params.get("train", {}),
         eval=params.get("eval", {}), study=study, row=row,
-        tracking_uri=P.get(params, "tracking.uri"), opts=list(P.get(params, "train.opts", []) or []))
+        tracking_uri=P.get(params, "tracking.uri"), opts=list(P.get(params, "train.opts", []) or []),
+        switches=list(params.get("switches") or []))
 
 
-ROW_KEYS = ("detector", "loss", "seeds", "scale", "data", "train")
+ROW_KEYS = ("detector", "loss", "seeds", "scale", "data", "train", "switches")
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -146,6 +149,7 @@ def build_cfg(spec: RunSpec, run_dir: Path):
     import torch
 
     from model import get_model_cfg
+    from model.switches import apply_switches
     from pipeline import datasets
 
     splits = datasets.layout(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
@@ -180,6 +184,12 @@ def build_cfg(spec: RunSpec, run_dir: Path):
         if device == "cuda" and not torch.cuda.is_available():
             raise P.ParamError("params.yaml: train.device='cuda': no CUDA device is visible; allowed here: auto, cpu")
         overrides += ["MODEL.DEVICE", device]
-    cfg.merge_from_list(overrides + list(spec.opts))
+    cfg.merge_from_list(overrides)
+    # Table 3 steps last but for explicit opts: `sched2x` doubles the schedule the run ends up with.
+    try:
+        apply_switches(cfg, spec.switches)
+    except ValueError as e:
+        raise P.ParamError(f"params.yaml: switches={spec.switches}: {e}") from None
+    cfg.merge_from_list(list(spec.opts))
     cfg.freeze()
     return cfg

@@ -42,6 +42,10 @@ def check_all(params: Dict[str, Any]) -> None:
     P.validate(params)
     for study in params.get("studies") or {}:
         study_rows(params, study)
+    for study in params.get("run_studies") or []:
+        if study not in (params.get("studies") or {}):
+            raise P.ParamError(f"params.yaml: run_studies: {study!r} is not a study; allowed: "
+                               f"{', '.join(params.get('studies') or {})}")
     if P.get(params, "launcher.cluster", "local") == "slurm":
         from pipeline.launch import load_profile
 

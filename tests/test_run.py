@@ -168,3 +168,13 @@ def test_concurrent_writers_lose_nothing(tmp_path, mlflow_uri):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     for c in children:
         assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "total_loss")) == list(range(50))
+
+
+def test_a_mask_model_reports_mask_ap_through_the_lvis_evaluator(tiny, tmp_path, mlflow_uri):
+    params = {**tiny["params"], "switches": ["mask"], "train": {**tiny["params"]["train"], "max_iter": 2}}
+    run_dir = tmp_path / "masked"
+    tr.run(run_dir, resolve(params, seed=0, study="mask"))
+    record = ev.evaluate(run_dir, warmup=1)
+    assert set(record["segm"]) == set(record["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc",
+                                                          "APf"}
+    assert all(v is None or 0.0 <= v <= 100.0 for v in record["segm"].values())
