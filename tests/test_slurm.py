@@ -36,8 +36,9 @@ def _squeue(repo_name: str):
 
 
 def _sacct(job: str):
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--format=JobID,State,Partition,ReqCPUS,ReqMem"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--units=M",
+                          "--format=JobID,State,Partition,ReqCPUS,ReqMem"], capture_output=True, text=True,
+                         check=True).stdout
     return [line.split("|") for line in out.splitlines() if line]
 
 
@@ -74,6 +75,8 @@ def test_failed_job_fails_the_stage_with_its_id_and_stderr(repo):
     assert out.returncode == 1
     assert "error: job " in out.stderr and " failed " in out.stderr
     job = out.stderr.split("error: job ")[1].split()[0]
+    # submitit reads the job's error as soon as it is written; Slurm's record follows within seconds.
+    _wait_for(lambda: _sacct(job)[0][1] != "RUNNING", "Slurm to record the job's end", 60)
     assert _sacct(job)[0][1] == "FAILED"
     assert "NaN/inf values in the forward pass at iteration 0" in out.stderr  # the job's own stderr, tailed
 
