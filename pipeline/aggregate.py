@@ -8,7 +8,6 @@ out like the report's tables: each cell mean ± std over seeds with n, the repor
 the difference; rows not run say so. Under each table, the comparisons the report draws
 (``reports/paper_values.yaml``), with Welch's t-test across seeds.
 """
-import argparse
 import json
 import math
 from pathlib import Path
@@ -18,9 +17,9 @@ import yaml
 from scipy import stats
 
 from pipeline import params as P
-from pipeline.launch import main_guard
+from pipeline.atomic import write_text
 from pipeline.runspec import study_rows
-from pipeline.stage import RESULTS, check_all
+from pipeline.stage import RESULTS, params_main
 
 PAPER = P.ROOT / "reports" / "paper_values.yaml"
 REPORTS = Path("reports")
@@ -186,40 +185,27 @@ def render(study: str, params: Dict[str, Any], summary: Dict[str, Any], comparis
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def aggregate(params: Dict[str, Any]) -> Dict[str, Any]:
     paper = yaml.safe_load(PAPER.read_text())
     summary = collect(params)
     comparisons = compare(summary, paper)
     for study in TABLES:
-        _write(REPORTS / f"{study}.md", render(study, params, summary, comparisons, paper))
+        write_text(REPORTS / f"{study}.md", render(study, params, summary, comparisons, paper))
     # DVC metrics: per row, the mean, std and n of each metric that has values (dvc exp show columns).
     compact = {study: {row: {f"{m}{suffix}": r[m][key] for m in BOX + MASK + ("runtime_ms",) if r[m]["n"]
                              for suffix, key in (("", "mean"), ("_std", "std"), ("_n", "n"))}
                        for row, r in rows.items() if r} for study, rows in summary.items()}
-    _write(REPORTS / "summary.json", json.dumps(compact, indent=2, sort_keys=True) + "\n")
-    _write(REPORTS / "comparisons.json", json.dumps(comparisons, indent=2, sort_keys=True) + "\n")
+    write_text(REPORTS / "summary.json", json.dumps(compact, indent=2, sort_keys=True) + "\n")
+    write_text(REPORTS / "comparisons.json", json.dumps(comparisons, indent=2, sort_keys=True) + "\n")
     return {"summary": summary, "comparisons": comparisons}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.aggregate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=P.PARAMS_FILE)
-    args = parser.parse_args(argv)
-
-    def go():
-        params = P.load(args.params)
-        check_all(params)
+    def work(params):
         aggregate(params)
-        print(f"wrote {REPORTS}/summary.json and {', '.join(f'{REPORTS}/{t}.md' for t in TABLES)}")
+        return f"wrote {REPORTS}/summary.json and {', '.join(f'{REPORTS}/{t}.md' for t in TABLES)}"
 
-    main_guard(go)
+    params_main(argv, "python -m pipeline.aggregate", __doc__, work)
 
 
 if __name__ == "__main__":

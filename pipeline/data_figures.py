@@ -11,19 +11,11 @@ from matplotlib.patches import Polygon as PolygonPatch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipeline.atomic import save_figure  # noqa: E402
 from pipeline.synthetic import frequency_bucket  # noqa: E402
 
 BUCKET_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 BUCKET_NAMES = {"r": "rare (1-10 images)", "c": "common (11-100)", "f": "frequent (>100)"}
-
-
-def _save(fig, path: Path) -> None:
-    """Write to a temp file, then rename, so a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def sample_grid(labels_json: Path, exhaustive_json: Optional[Path],
@@ -74,7 +66,7 @@ def sample_grid(labels_json: Path, exhaustive_json: Optional[Path],
     fig.suptitle("Training images: annotated instances by frequency bucket, "
                  "unannotated objects dashed", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def frequency_histogram(cat_info_json: Path, path: Path) -> None:
@@ -96,4 +88,4 @@ def frequency_histogram(cat_info_json: Path, path: Path) -> None:
     ax.set_title(f"Long tail: {len(cats)} categories, r/c/f by LVIS's rule on training image counts",
                  fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -27,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from pipeline import datasets
+from pipeline.atomic import write_text
 from pipeline.runspec import RunSpec
 from pipeline.tracking import RUN_ID_FILE, Tracker
 from pipeline.train import DONE_FILE, dataset_checksum
@@ -109,9 +110,7 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: int = None) -> dict:
                     "threads": torch.get_num_threads()},
         "detector": spec.detector, "loss": spec.loss, "seed": spec.seed, "scale": spec.scale,
     }
-    tmp = run_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run_dir / METRICS_FILE)
+    write_text(run_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
     if (run_dir / RUN_ID_FILE).is_file():
         tracker = Tracker(spec.tracking_uri)
         tracker.run_id = (run_dir / RUN_ID_FILE).read_text().strip()

@@ -9,7 +9,6 @@ draws (matplotlib PNG, ``reports/figures/``):
 and writes ``reports/runs.md``: every MLflow run the tables use, by id, with its AP as MLflow returns
 it from ``mlflow.search_runs`` (so the tables can be checked against the tracking store).
 """
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -23,21 +22,13 @@ import yaml  # noqa: E402
 
 from pipeline import params as P  # noqa: E402
 from pipeline.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect  # noqa: E402
-from pipeline.launch import main_guard  # noqa: E402
+from pipeline.atomic import save_figure, write_text  # noqa: E402
 from pipeline.runspec import study_rows  # noqa: E402
-from pipeline.stage import RESULTS, check_all  # noqa: E402
+from pipeline.stage import RESULTS, params_main  # noqa: E402
 from pipeline.tracking import tracking_uri  # noqa: E402
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
-
-
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def _label(merged: Dict[str, Any]) -> str:
@@ -59,7 +50,7 @@ def ap_bars(params, summary, path: Path) -> None:
     ax.set_title(f"AP by frequency bucket, mean ± std over seeds ({study or 'no study run'})", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def loss_curves(params, results: Dict[str, Any], path: Path) -> None:
@@ -81,7 +72,7 @@ def loss_curves(params, results: Dict[str, Any], path: Path) -> None:
         ax.set_title(study, fontsize=10)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def accuracy_vs_runtime(params, summary, paper, path: Path) -> None:
@@ -99,7 +90,7 @@ def accuracy_vs_runtime(params, summary, paper, path: Path) -> None:
     ax.set_ylabel("box AP (%), LVIS-style labels")
     ax.set_title("Accuracy vs runtime (ours). Report, Titan X: 53/70/77/60 ms", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def runs_table(summary, uri: str) -> str:
@@ -134,24 +125,15 @@ def report(params) -> None:
     ap_bars(params, summary, FIGURES / "ap_rcf.png")
     loss_curves(params, results, FIGURES / "loss_curves.png")
     accuracy_vs_runtime(params, summary, paper, FIGURES / "accuracy_vs_runtime.png")
-    text = runs_table(summary, tracking_uri(P.get(params, "tracking.uri")))
-    tmp = REPORTS / ".runs.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(REPORTS / "runs.md")
+    write_text(REPORTS / "runs.md", runs_table(summary, tracking_uri(P.get(params, "tracking.uri"))))
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=P.PARAMS_FILE)
-    args = parser.parse_args(argv)
-
-    def go():
-        params = P.load(args.params)
-        check_all(params)
+    def work(params):
         report(params)
-        print(f"wrote {FIGURES}/ap_rcf.png, loss_curves.png, accuracy_vs_runtime.png and {REPORTS}/runs.md")
+        return f"wrote {FIGURES}/ap_rcf.png, loss_curves.png, accuracy_vs_runtime.png and {REPORTS}/runs.md"
 
-    main_guard(go)
+    params_main(argv, "python -m pipeline.report", __doc__, work)
 
 
 if __name__ == "__main__":

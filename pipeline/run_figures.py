@@ -7,6 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.atomic import save_figure  # noqa: E402
+
 
 def loss_curve(metrics_jsonl: Path, path: Path, title: str = "") -> None:
     """Total and per-term training losses against iteration, from ``train_metrics.jsonl``."""
@@ -24,7 +26,4 @@ def loss_curve(metrics_jsonl: Path, path: Path, title: str = "") -> None:
     if keys:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)

@@ -16,9 +16,10 @@ import json
 import logging
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from pipeline import params as P
+from pipeline.atomic import write_text
 from pipeline.evaluate import METRICS_FILE
 from pipeline.launch import main_guard, run_all
 from pipeline.runspec import RunSpec, resolve, study_rows, study_specs
@@ -110,10 +111,7 @@ def _tag_usage(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: 
 
 
 def _write(path: Path, payload: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def stage_main(params: Dict[str, Any]) -> Path:
@@ -140,9 +138,7 @@ def _write_curve(specs: List[RunSpec], path: Path) -> None:
         curves.append({r["step"]: r["total_loss"] for r in rows})
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     lines = ["step,total_loss"] + [f"{s},{statistics.fmean(c[s] for c in curves):.6f}" for s in steps]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def stage_study(params: Dict[str, Any], study: str) -> Path:
@@ -150,6 +146,21 @@ def stage_study(params: Dict[str, Any], study: str) -> Path:
     out = RESULTS / "studies" / f"{study}.json"
     _write(out, {"study": study, "rows": _execute(groups, params, study)})
     return out
+
+
+def params_main(argv, prog: str, doc: str, work: Callable[[Dict[str, Any]], str]) -> None:
+    """The command line of a stage that reads params.yaml only: ``--params FILE``; the whole file is
+    checked before ``work(params)`` runs; ``work`` returns the line to print."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=P.PARAMS_FILE)
+    args = parser.parse_args(argv)
+
+    def go():
+        params = P.load(args.params)
+        check_all(params)
+        print(work(params))
+
+    main_guard(go)
 
 
 def main(argv=None) -> None:

@@ -19,6 +19,7 @@ from typing import Dict, Iterable, Optional
 
 from filelock import FileLock
 
+from pipeline.atomic import write_text
 from pipeline.params import ROOT
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -114,9 +115,7 @@ class Tracker:
             self._log_params(self.run_id, params)
             if not self.client.get_run(parent_id).data.params:
                 self._log_params(parent_id, {k: v for k, v in params.items() if not k.startswith("d2.")})
-            tmp = id_file.with_suffix(".tmp")
-            tmp.write_text(self.run_id)
-            tmp.replace(id_file)
+            write_text(id_file, self.run_id)
         return self.run_id
 
     def _log_params(self, run_id: str, params: Dict[str, str]) -> None:

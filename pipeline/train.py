@@ -38,6 +38,7 @@ from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from pipeline import params as P
+from pipeline.atomic import write_text
 from pipeline.loader import LazyLoader, build_train_loader
 from pipeline.runspec import RunSpec, build_cfg, resolve
 from pipeline.tracking import Tracker, git_commit
@@ -110,9 +111,7 @@ class MetricsLog(hooks.HookBase):
         if not self.path.is_file():
             return
         keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < start_iter]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(line + "\n" for line in keep))
 
     def after_step(self):
         it, max_iter = self.trainer.iter, self.trainer.max_iter
@@ -220,10 +219,8 @@ def prepare_run_dir(run_dir: Path, spec: RunSpec, cfg) -> None:
             raise P.ParamError(f"{run_dir}: holds a run with other settings (see its run.json); "
                                f"use a new --run-dir")
         return
-    for name, text in (("config.yaml", cfg.dump()), ("run.json", spec.to_json())):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run_dir / name)
+    write_text(run_dir / "config.yaml", cfg.dump())
+    write_text(run_dir / "run.json", spec.to_json())
 
 
 def dataset_checksum(spec: RunSpec) -> str:
@@ -274,8 +271,7 @@ def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
             tracker.finish()
         done = {"iterations": trainer.max_iter, "seconds_this_session": round(time.time() - start, 1),
                 "resumed_from": trainer.start_iter, "seed": spec.seed}
-        (run_dir / f".{DONE_FILE}.tmp").write_text(json.dumps(done, indent=2) + "\n")
-        (run_dir / f".{DONE_FILE}.tmp").replace(run_dir / DONE_FILE)
+        write_text(run_dir / DONE_FILE, json.dumps(done, indent=2) + "\n")
     return run_dir / "model_final.pth"
 
 
