@@ -91,6 +91,7 @@ def run(input_name: str, n_images: int, warmup: int, devices, num_classes: int =
                 model = GeneralizedRCNNWithTTA(cfg, model)
             rows[name] = {"ms_per_image": round(measure(model, images, device, warmup), 2),
                           "proposals": proposals_to_heads(cfg)}
+            print(f"  measured {name} on {device}: {rows[name]['ms_per_image']:.1f} ms/image", flush=True)
         name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         result["devices"][device] = {"device": name, "detectors": rows}
     return result
