@@ -170,10 +170,11 @@ def build_cfg(spec: RunSpec, run_dir: Path):
     t = spec.train
     if t.get("max_iter"):
         # Scale the LR steps with the schedule (e.g. 60k/80k of 90k stay at 2/3 and 8/9).
-        old = cfg.SOLVER.MAX_ITER
-        overrides += ["SOLVER.MAX_ITER", t["max_iter"],
-                      "SOLVER.STEPS", tuple(max(1, round(s * t["max_iter"] / old)) for s in cfg.SOLVER.STEPS),
-                      "SOLVER.WARMUP_ITERS", min(cfg.SOLVER.WARMUP_ITERS, max(1, t["max_iter"] // 10))]
+        old, new = cfg.SOLVER.MAX_ITER, t["max_iter"]
+        # Each step strictly inside the schedule (detectron2's scheduler refuses one at MAX_ITER).
+        steps = sorted({min(new - 1, max(1, round(s * new / old))) for s in cfg.SOLVER.STEPS} - {0})
+        overrides += ["SOLVER.MAX_ITER", new, "SOLVER.STEPS", tuple(steps),
+                      "SOLVER.WARMUP_ITERS", min(cfg.SOLVER.WARMUP_ITERS, max(1, new // 10))]
     for key, cfg_key in (("ims_per_batch", "SOLVER.IMS_PER_BATCH"), ("base_lr", "SOLVER.BASE_LR"),
                          ("checkpoint_period", "SOLVER.CHECKPOINT_PERIOD"),
                          ("num_workers", "DATALOADER.NUM_WORKERS")):
