@@ -20,7 +20,8 @@ from detectron2.data.datasets import load_lvis_json, register_coco_instances, re
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
 
-DATASETS = ("synthetic", "lvis_v1", "coco_2017")
+from pipeline.params import DATASETS  # noqa: E402  (one list of names, also for params checks)
+
 SPLITS = ("train", "val")
 
 

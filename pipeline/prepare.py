@@ -32,12 +32,10 @@ FIGURES_DIR = Path("reports/figures")
 
 def data_settings(params: Dict[str, Any]) -> Dict[str, Any]:
     """The checked ``data:`` section: name, root (Path or None) and the SyntheticSpec."""
-    from pipeline.datasets import DATASETS  # detectron2 import deferred: keep --help fast
-
     data = params.get("data") or {}
     P.check_keys(data, DATA_KEYS, "data.")
     name = data.get("name", "synthetic")
-    P.check_choice(name, DATASETS, "data.name")
+    P.check_choice(name, P.DATASETS, "data.name")
     synthetic = data.get("synthetic") or {}
     P.check_keys(synthetic, [f.name for f in fields(SyntheticSpec)], "data.synthetic.")
     if "image_size" in synthetic:
