@@ -10,7 +10,16 @@ RUN="${CN2_SLURM_DIR:-/tmp/cn2-slurm}"
 DBPORT="${CN2_SLURM_DB_PORT:-3307}"
 MARKER="# cn2-local-cluster"
 log() { echo "[local-cluster] $*"; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE NAME: the pid file names a running process called NAME. After a session is killed
+# its pid files (and sockets) stay behind, the pid may belong to another program by then, and a
+# container whose init does not reap keeps zombies that `kill -0` still reports as alive.
+alive() {
+  local pid st
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  st=$(ps -o stat=,comm= -p "$pid" 2>/dev/null) || return 1
+  [ "${st:0:1}" != Z ] && [ "$(echo "$st" | awk '{print $2}')" = "$2" ]
+}
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v slurmdbd >/dev/null \
    || ! command -v mariadbd >/dev/null; then
@@ -45,23 +54,36 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
-if ! alive /run/munge/munged.pid; then
+if ! alive /run/munge/munged.pid munged; then
   log "starting munged"
-  runuser -u munge -- /usr/sbin/munged
+  # --force: a killed munged leaves its socket and lock behind, which would stop a new one.
+  rm -f /run/munge/munged.pid
+  runuser -u munge -- /usr/sbin/munged --force
   grep -qx munged "$RUN/started" || echo munged >> "$RUN/started"
 fi
 
 # MariaDB for slurmdbd, private to this cluster (own datadir, socket and port).
-if ! alive "$RUN/mysqld.pid"; then
+if ! alive "$RUN/mysqld.pid" mariadbd; then
   if [ ! -d "$RUN/mysql/mysql" ]; then
     log "initialising MariaDB in $RUN/mysql"
     mariadb-install-db --no-defaults --datadir="$RUN/mysql" --user=root --skip-test-db \
       --auth-root-authentication-method=normal >/dev/null
   fi
   log "starting MariaDB on 127.0.0.1:$DBPORT"
+  rm -f "$RUN/mysqld.sock" "$RUN/mysqld.pid"   # left behind by a killed server
   nohup mariadbd --no-defaults --datadir="$RUN/mysql" --socket="$RUN/mysqld.sock" --port="$DBPORT" \
     --bind-address=127.0.0.1 --pid-file="$RUN/mysqld.pid" --user=root >"$RUN/log/mysqld.log" 2>&1 &
-  for _ in $(seq 60); do [ -S "$RUN/mysqld.sock" ] && break; sleep 0.5; done
+  up=no
+  for _ in $(seq 120); do
+    if mariadb-admin --no-defaults -S "$RUN/mysqld.sock" -u root ping >/dev/null 2>&1; then up=yes; break; fi
+    alive "$RUN/mysqld.pid" mariadbd || [ ! -f "$RUN/mysqld.pid" ] || break
+    sleep 0.5
+  done
+  if [ "$up" != yes ]; then
+    echo "error: MariaDB did not start; the end of $RUN/log/mysqld.log:" >&2
+    tail -20 "$RUN/log/mysqld.log" >&2
+    exit 1
+  fi
   mariadb --no-defaults -S "$RUN/mysqld.sock" -u root -e "
     CREATE DATABASE IF NOT EXISTS slurm_acct_db;
     CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
@@ -71,7 +93,7 @@ if ! alive "$RUN/mysqld.pid"; then
   grep -qx mysqld "$RUN/started" || echo mysqld >> "$RUN/started"
 fi
 
-if ! alive "$RUN/slurmdbd.pid"; then
+if ! alive "$RUN/slurmdbd.pid" slurmdbd; then
   log "starting slurmdbd"
   slurmdbd
   for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
@@ -79,16 +101,16 @@ if ! alive "$RUN/slurmdbd.pid"; then
 fi
 sacctmgr -n list cluster format=cluster | grep -qw cn2local || sacctmgr -i add cluster cn2local >/dev/null
 
-if alive "$RUN/slurmctld.pid" && [ "$conf_changed" = yes ]; then
+if alive "$RUN/slurmctld.pid" slurmctld && [ "$conf_changed" = yes ]; then
   log "slurm.conf changed: reconfiguring the running daemons"
   scontrol reconfigure
 fi
-if ! alive "$RUN/slurmctld.pid"; then
+if ! alive "$RUN/slurmctld.pid" slurmctld; then
   log "starting slurmctld"
   slurmctld
   grep -qx slurmctld "$RUN/started" || echo slurmctld >> "$RUN/started"
 fi
-if ! alive "$RUN/slurmd.pid"; then
+if ! alive "$RUN/slurmd.pid" slurmd; then
   log "starting slurmd"
   slurmd -N localhost
   grep -qx slurmd "$RUN/started" || echo slurmd >> "$RUN/started"

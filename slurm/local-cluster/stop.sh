@@ -11,10 +11,10 @@ pidfile() {
 }
 for name in $(tac "$RUN/started"); do
   f=$(pidfile "$name")
-  if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then
+  if [ -f "$f" ] && ps -o stat= -p "$(cat "$f")" 2>/dev/null | grep -qv "^Z"; then
     echo "[local-cluster] stopping $name"
     kill "$(cat "$f")"
-    for _ in $(seq 40); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.25; done
+    for _ in $(seq 40); do ps -o stat= -p "$(cat "$f")" 2>/dev/null | grep -qv "^Z" || break; sleep 0.25; done
   fi
 done
 rm -f "$RUN/started"
