@@ -69,6 +69,10 @@ SCALES: Dict[str, Dict[str, object]] = {
         **_sizes(0.2),
         "MODEL.FPN.OUT_CHANNELS": 128,
         "MODEL.ROI_BOX_HEAD.FC_DIM": 256,
+        # The mask heads (switches mask, pointrend) run on up to 100 detections an image: at 256
+        # channels their convolutions cost 8x the rest of inference at this size.
+        "MODEL.ROI_MASK_HEAD.CONV_DIM": 128,
+        "MODEL.POINT_HEAD.FC_DIM": 128,
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 128,
         "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 1000,
         "MODEL.RPN.POST_NMS_TOPK_TRAIN": 256,
@@ -91,6 +95,8 @@ SCALES: Dict[str, Dict[str, object]] = {
         **_sizes(0.1),
         "MODEL.FPN.OUT_CHANNELS": 64,
         "MODEL.ROI_BOX_HEAD.FC_DIM": 128,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM": 64,
+        "MODEL.POINT_HEAD.FC_DIM": 64,
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 64,
         "MODEL.CENTERNET.NUM_CLS_CONVS": 2,
         "MODEL.CENTERNET.NUM_BOX_CONVS": 2,

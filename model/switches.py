@@ -19,6 +19,9 @@ from typing import Callable, Dict, Iterable
 from detectron2.config import CfgNode
 
 SWITCHES: Dict[str, Callable[[CfgNode], None]] = {}
+# Switches that change only inference: a run with them evaluates the weights of the same run without
+# them (the report's "+ test-aug" row is the "+ larger input" model, tested with augmentation).
+EVAL_ONLY = ("tta",)
 COCO_TEST_SIZE = 800  # the report's test size, to which TTA's 400-1200 scales are relative
 
 

@@ -70,6 +70,17 @@ class RunSpec:
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.detector}-{self.loss}-{self.data_name}-{self.annotations}-{self.scale}-{digest}"
 
+    def training_twin(self) -> Optional["RunSpec"]:
+        """This run without its evaluation-only switches (``model.switches.EVAL_ONLY``): the run whose
+        trained weights it evaluates. None when it has none (it trains itself)."""
+        from model.switches import EVAL_ONLY
+
+        if not set(self.switches) & set(EVAL_ONLY):
+            return None
+        dropped = [s for s in self.switches if s in EVAL_ONLY]
+        return RunSpec(**{**asdict(self), "switches": [s for s in self.switches if s not in EVAL_ONLY],
+                          "row": f"{self.row or self.ablation} without {'+'.join(dropped)}"})
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 

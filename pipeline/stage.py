@@ -24,6 +24,7 @@ from pipeline.evaluate import METRICS_FILE
 from pipeline.launch import main_guard, run_all
 from pipeline.runspec import RunSpec, resolve, study_rows, study_specs
 from pipeline.tracking import RUN_ID_FILE, Tracker, repo_root
+from pipeline.train import DONE_FILE, twin_dir
 
 logger = logging.getLogger("pipeline.stage")
 RESULTS = Path("results")
@@ -91,9 +92,19 @@ def _execute(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: st
     # Finished runs (evaluated) are read, not resubmitted.
     metrics = {d: json.loads((d / METRICS_FILE).read_text()) for d in unique if (d / METRICS_FILE).is_file()}
     todo = [(d, s) for d, s in unique.items() if d not in metrics]
+    # A run with evaluation-only switches (TTA) evaluates its training twin's weights: the twins
+    # train first (added when no row asks for them), then those runs only evaluate.
+    first = {d: s for d, s in todo if s.training_twin() is None}
+    for d, s in todo:
+        twin = s.training_twin()
+        if twin is not None and not (twin_dir(d, s) / DONE_FILE).is_file():
+            first.setdefault(twin_dir(d, s), twin)
+    waves = [list(first.items()), [(d, s) for d, s in todo if d not in first]]
     launcher = params.get("launcher") or {}
     logs = repo_root() / "slurm-logs" if launcher.get("cluster") == "slurm" else run_store() / "_jobs"
-    metrics.update(zip([d for d, _ in todo], run_all(todo, launcher, logs, name=f"cn2-{study}")))
+    for wave in waves:
+        if wave:
+            metrics.update(zip([d for d, _ in wave], run_all(wave, launcher, logs, name=f"cn2-{study}")))
     _tag_usage(groups, params, study)
     return _summarise({row: [(s, metrics[run_dir(s)]) for s in specs] for row, specs in groups.items()})
 

@@ -168,3 +168,38 @@ def test_switches_in_an_impossible_order_are_refused():
         _cfg(["pointrend"])
     with pytest.raises(ValueError, match="put 'x101' before it"):
         _cfg(["dcn"])  # the smoke scale's ResNet-18 has no bottleneck blocks
+
+
+def test_table3_study_through_the_pipeline_shares_training_with_test_aug(tmp_path):
+    """`dvc repro` of a Table 3 study: mask AP columns beside the report's, and the "+ test-aug" row
+    evaluates the "+ larger input" model instead of training it again."""
+    import json
+
+    from tests.helpers import scratch_repo, sh
+
+    row = {"detector": "centernet2_agnostic", "loss": "fedloss"}
+    studies = {"table3": {"baseline": row, "mask": {**row, "switches": ["mask"]},
+                          "test_aug": {**row, "switches": STEPS}}}
+    # TTA runs the model 36 times an image (9 scales, flip, boxes then masks): evaluate two images.
+    repo = scratch_repo(tmp_path, studies=studies, run_studies=["table3"], seeds=[0], **{"eval.max_images": 2})
+    sh(repo, "dvc", "repro")
+    runs = {json.loads((d / "run.json").read_text())["row"]: d for d in (repo / "runs").glob("*/seed0")
+            if json.loads((d / "run.json").read_text())["study"] == "table3"}
+    # The twin (every step but TTA) was trained though no row names it; test_aug took its weights.
+    assert set(runs) == {"baseline", "mask", "test_aug", "test_aug without tta"}
+    twin, tta = runs["test_aug without tta"], runs["test_aug"]
+    done = json.loads((tta / "train_done.json").read_text())
+    assert done["trained_by"] == str(twin)
+    assert (tta / "model_final.pth").read_bytes() == (twin / "model_final.pth").read_bytes()
+    assert not list(tta.glob("model_0*.pth"))  # no training checkpoints of its own
+    assert "ENABLED: true" in (tta / "config.yaml").read_text().split("AUG:")[1].split("\n  ")[1]
+    metrics = json.loads((tta / "metrics.json").read_text())
+    assert {"bbox", "segm"} <= set(metrics)
+
+    table = (repo / "reports" / "table3.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Row"))
+    assert header.startswith("| Row | mask AP | mask APr | mask APc | mask APf | AP |")
+    test_aug = next(line for line in table.splitlines() if line.startswith("| + test-aug"))
+    assert "(n=1) · paper 36.1 · Δ" in test_aug  # mask AP beside the report's
+    summary = json.loads((repo / "reports" / "summary.json").read_text())
+    assert "mask_AP" in summary["table3"]["test_aug"] and "mask_AP" not in summary["table3"]["baseline"]
