@@ -70,7 +70,8 @@ SCALES: Dict[str, Dict[str, object]] = {
         "MODEL.FPN.OUT_CHANNELS": 128,
         "MODEL.ROI_BOX_HEAD.FC_DIM": 256,
         # The mask heads (switches mask, pointrend) run on up to 100 detections an image: at 256
-        # channels their convolutions cost 8x the rest of inference at this size.
+        # channels a 160-px inference took 445 ms instead of 91, at 128 it takes 267
+        # (benchmarks/latency.py --table3, 2 CPU threads).
         "MODEL.ROI_MASK_HEAD.CONV_DIM": 128,
         "MODEL.POINT_HEAD.FC_DIM": 128,
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 128,
