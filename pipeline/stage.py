@@ -7,7 +7,9 @@ The training stages of ``dvc.yaml``:
 Each run lives in the run store ``runs/<settings key>/seed<k>/`` at the repository root (DVC's
 ``--temp``/queued experiment copies use the same store). Identical runs — same settings and seed,
 wherever they are asked for — are trained once; an interrupted stage resumes its runs from their
-checkpoints. The stage writes ``results/main.json`` (mean ± std over seeds: the DVC metrics that
+checkpoints. A run with an evaluation-only switch (``tta``) trains nothing: its training twin (the
+same settings without it) is trained first, in a first batch of jobs, and the run evaluates those
+weights in a second. The stage writes ``results/main.json`` (mean ± std over seeds: the DVC metrics that
 ``dvc exp show`` lists) with ``results/main_runs.json``, or ``results/studies/NAME.json``: the
 metrics of exactly the runs the current params imply, with their run directories and MLflow ids.
 """
