@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import get_model_cfg  # noqa: E402  (first: model.compat must run before detectron2 loads)
 from model.presets import DETECTORS  # noqa: E402
 from model.switches import EVAL_ONLY, SWITCHES  # noqa: E402
+from pipeline.atomic import write_text  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -80,6 +81,7 @@ def run(scale: str, batch: int, iters: int, device: str, num_classes: int, table
     gen = torch.Generator().manual_seed(0)
     rows = {}
     freq = _uniform_freq(num_classes)
+    base_iters = get_model_cfg("centernet2_agnostic", scale).SOLVER.MAX_ITER  # the scale's schedule
     for name, cfg in _rows(scale, device, num_classes, table3):
         cfg.defrost()
         cfg.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = freq
@@ -104,7 +106,6 @@ def run(scale: str, batch: int, iters: int, device: str, num_classes: int, table
                     times.append(time.perf_counter() - start)
         s_iter = statistics.median(times)
         # The scale's schedule as this row runs it; --schedule replaces the scale's (sched2x doubles it).
-        base_iters = get_model_cfg("centernet2_agnostic", scale).SOLVER.MAX_ITER
         iters_run = cfg.SOLVER.MAX_ITER * (schedule or base_iters) // base_iters
         rows[name] = {"s_per_iter": round(s_iter, 3), "input": size, "schedule_iters": iters_run,
                       "hours_per_run": round(s_iter * iters_run / 3600, 2)}
@@ -139,9 +140,7 @@ def main(argv=None):
         print(f"{name:<30}{row['input']:>7}{row['s_per_iter']:>9.2f}{row['schedule_iters']:>10}"
               f"{row['hours_per_run']:>8.2f}")
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

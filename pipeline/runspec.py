@@ -75,9 +75,9 @@ class RunSpec:
         trained weights it evaluates. None when it has none (it trains itself)."""
         from model.switches import EVAL_ONLY
 
-        if not set(self.switches) & set(EVAL_ONLY):
-            return None
         dropped = [s for s in self.switches if s in EVAL_ONLY]
+        if not dropped:
+            return None
         return RunSpec(**{**asdict(self), "switches": [s for s in self.switches if s not in EVAL_ONLY],
                           "row": f"{self.row or self.ablation} without {'+'.join(dropped)}"})
 

@@ -96,12 +96,12 @@ def _execute(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: st
     todo = [(d, s) for d, s in unique.items() if d not in metrics]
     # A run with evaluation-only switches (TTA) evaluates its training twin's weights: the twins
     # train first (added when no row asks for them), then those runs only evaluate.
-    first = {d: s for d, s in todo if s.training_twin() is None}
-    for d, s in todo:
-        twin = s.training_twin()
-        if twin is not None and not (twin_dir(d, s) / DONE_FILE).is_file():
-            first.setdefault(twin_dir(d, s), twin)
-    waves = [list(first.items()), [(d, s) for d, s in todo if d not in first]]
+    twins = {d: twin_dir(d, s) for d, s in todo}
+    first = {d: s for d, s in todo if twins[d] is None}
+    for d, s in todo:  # after the rows' own runs, so a twin that is also a row keeps its row's name
+        if twins[d] is not None and not (twins[d] / DONE_FILE).is_file():
+            first.setdefault(twins[d], s.training_twin())
+    waves = [list(first.items()), [(d, s) for d, s in todo if twins[d] is not None]]
     launcher = params.get("launcher") or {}
     logs = repo_root() / "slurm-logs" if launcher.get("cluster") == "slurm" else run_store() / "_jobs"
     for wave in waves:

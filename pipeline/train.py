@@ -229,6 +229,19 @@ def dataset_checksum(spec: RunSpec) -> str:
     return json.loads(path.read_text())["checksum"] if path.is_file() else "unknown"
 
 
+def start_tracking(run_dir: Path, spec: RunSpec, cfg, tags: Optional[dict] = None) -> Tracker:
+    """The run's MLflow run (found or created): settings and flattened config as params."""
+    tracker = Tracker(spec.tracking_uri)
+    params = {"detector": spec.detector, "loss": spec.loss, "scale": spec.scale, "seed": spec.seed,
+              "dataset": f"{spec.data_name}/{spec.annotations}", "study": spec.study, **_flat_cfg(cfg)}
+    all_tags = {"git_commit": git_commit(), "seed": str(spec.seed), "dataset": spec.data_name,
+                "dataset_checksum": dataset_checksum(spec), "device": cfg.MODEL.DEVICE, **(tags or {})}
+    if os.environ.get("DVC_EXP_NAME"):
+        all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    tracker.start(run_dir, spec.study, spec.ablation, spec.seed, params, all_tags)
+    return tracker
+
+
 def twin_dir(run_dir: Path, spec: RunSpec) -> Optional[Path]:
     """Where the run store (``<store>/<key>/seed<k>``) keeps ``spec``'s training twin, if it has one."""
     twin = spec.training_twin()
@@ -261,15 +274,10 @@ def adopt(run_dir: Path, spec: RunSpec, trained: Path, track: bool = True) -> Pa
             _link(trained / name, run_dir / name)
     trained_done = json.loads((trained / DONE_FILE).read_text())
     if track:
-        tracker = Tracker(spec.tracking_uri)
-        params = {"detector": spec.detector, "loss": spec.loss, "scale": spec.scale, "seed": spec.seed,
-                  "dataset": f"{spec.data_name}/{spec.annotations}", "study": spec.study, **_flat_cfg(cfg)}
-        tags = {"git_commit": git_commit(), "seed": str(spec.seed), "dataset": spec.data_name,
-                "dataset_checksum": dataset_checksum(spec), "device": cfg.MODEL.DEVICE,
-                "trained_by": str(trained)}
+        tags = {"trained_by": str(trained)}
         if (trained / RUN_ID_FILE).is_file():
             tags["trained_by_mlflow_run"] = (trained / RUN_ID_FILE).read_text().strip()
-        tracker.start(run_dir, spec.study, spec.ablation, spec.seed, params, tags)
+        tracker = start_tracking(run_dir, spec, cfg, tags)
         tracker.log_final({}, trained_done["iterations"] - 1, [run_dir / "config.yaml"])
         tracker.finish()
     done = {"iterations": trained_done["iterations"], "seed": spec.seed, "trained_by": str(trained)}
@@ -299,14 +307,7 @@ def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
     setup_logger(str(run_dir / "log.txt"), distributed_rank=comm.get_rank(), name="pipeline")
     tracker = None
     if track and comm.is_main_process():
-        tracker = Tracker(spec.tracking_uri)
-        params = {"detector": spec.detector, "loss": spec.loss, "scale": spec.scale, "seed": spec.seed,
-                  "dataset": f"{spec.data_name}/{spec.annotations}", "study": spec.study, **_flat_cfg(cfg)}
-        tags = {"git_commit": git_commit(), "seed": str(spec.seed), "dataset": spec.data_name,
-                "dataset_checksum": dataset_checksum(spec), "device": cfg.MODEL.DEVICE}
-        if os.environ.get("DVC_EXP_NAME"):
-            tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        tracker.start(run_dir, spec.study, spec.ablation, spec.seed, params, tags)
+        tracker = start_tracking(run_dir, spec, cfg)
         tracker.client.update_run(tracker.run_id, status="RUNNING")
     trainer = Trainer(cfg, spec.seed, tracker, spec.train.get("log_period", 20))
     trainer.resume()
