@@ -14,7 +14,6 @@ CascadeRCNN (60 vs 70 ms, ratio 0.86) because its RoI heads get 256 proposals in
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import get_model_cfg  # noqa: E402  (first: model.compat must run before detectron2 loads)
 from model.presets import DETECTORS  # noqa: E402
 from model.switches import SWITCHES  # noqa: E402
+from pipeline.atomic import write_text  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 # isort: on
 
@@ -129,9 +129,7 @@ def main(argv=None):
         first = next(iter(result["devices"].values()))
         out = {"device": first["device"], "input_size": result["input_size"], "detectors": first["detectors"],
                **{k: v for k, v in result.items() if k != "input_size"}}
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        write_text(args.json, json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
