@@ -1,6 +1,7 @@
 """A scratch copy of this repository as its own git repo, driven like a user drives it."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,15 @@ def sh(repo: Path, *cmd, check=True, **kw):
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def start_interruptible(repo: Path, *cmd) -> subprocess.Popen:
+    """``cmd`` in its own process group, as a terminal runs it, so ``os.killpg(p.pid, SIGINT)`` is
+    a Ctrl-C. SIGINT is set back to its default first: a shell that started the tests in the
+    background ignores it, children inherit that, and the Ctrl-C would then do nothing."""
+    return subprocess.Popen(list(cmd), cwd=repo, env=env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def commit(repo: Path, message: str):

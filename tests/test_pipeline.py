@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import commit, env, scratch_repo, set_params, sh
+from tests.helpers import commit, scratch_repo, set_params, sh, start_interruptible
 
 STUDIES = {
     "table1": {"centernet2_agnostic": {"detector": "centernet2_agnostic", "loss": "softmax"},
@@ -81,8 +81,7 @@ def test_interrupted_stage_resumes_its_runs(repo):
     r = repo["path"]
     sh(r, "git", "checkout", "-q", "--", "params.yaml")
     set_params(r, **{"train.max_iter": 60})
-    proc = subprocess.Popen(["dvc", "repro", "-s", "main"], cwd=r, env=env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_interruptible(r, "dvc", "repro", "-s", "main")
     deadline = time.time() + 240
 
     def unfinished_with_checkpoint():

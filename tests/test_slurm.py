@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import env, scratch_repo, set_params, sh
+from tests.helpers import scratch_repo, set_params, sh, start_interruptible
 
 PROFILE = yaml.safe_load((Path(__file__).resolve().parents[1] / "slurm" / "local.yaml").read_text())
 
@@ -82,8 +82,7 @@ def test_failed_job_fails_the_stage_with_its_id_and_stderr(repo):
 
 
 def _start_stage(repo):
-    return subprocess.Popen(["python", "-m", "pipeline.stage", "main"], cwd=repo, env=env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_interruptible(repo, "python", "-m", "pipeline.stage", "main")
 
 
 def _wait_for(predicate, what: str, timeout: float = 240):
