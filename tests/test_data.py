@@ -61,14 +61,28 @@ def test_official_lvis_api_loads_both_splits(dataset):
         assert len(api.get_cat_ids()) == SPEC.num_classes
 
 
+def _lvis_bucket(image_count: int) -> str:
+    """LVIS (Gupta et al. 2019, sec. 4): rare 1-10 training images, common 11-100, frequent > 100."""
+    return "r" if image_count <= 10 else "c" if image_count <= 100 else "f"
+
+
+def test_lvis_bucket_boundaries():
+    """The literal LVIS boundaries: 10 images rare, 11 common, 100 common, 101 frequent. Break tried:
+    the rare threshold moved to < 10 (10 -> c); this test failed on it."""
+    assert [frequency_bucket(n) for n in (1, 10, 11, 100, 101, 180)] == ["r", "r", "c", "c", "f", "f"]
+
+
 def test_long_tail_fills_every_bucket_by_lvis_rule(dataset):
+    """Every category's bucket follows the LVIS rule (written out above, not the generator's
+    function). Break tried: the rare threshold moved to < 10 (10 -> c) in pipeline/synthetic.py;
+    this test and test_lvis_bucket_boundaries failed on it."""
     train = _load(dataset["out"], "lvis_v1_train.json")
     images_per_cat = defaultdict(set)
     for a in train["annotations"]:
         images_per_cat[a["category_id"]].add(a["image_id"])
     for cat in train["categories"]:
         assert cat["image_count"] == len(images_per_cat[cat["id"]])
-        assert cat["frequency"] == frequency_bucket(cat["image_count"])
+        assert cat["frequency"] == _lvis_bucket(cat["image_count"]), cat
     buckets = {c["frequency"] for c in train["categories"]}
     assert buckets == {"r", "c", "f"}
     # The val split carries the training frequencies, as LVIS v1 val does.
