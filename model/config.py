@@ -10,44 +10,70 @@ def add_centernet2_config(cfg: CN) -> CN:
     _C.MODEL.CENTERNET = CN()
     # Heatmap channels when class-specific: one per category (set from the dataset).
     _C.MODEL.CENTERNET.NUM_CLASSES = 80
-    # One category-agnostic heatmap, like an RPN (CenterNet2-agnostic); False: one per category.
+    # One category-agnostic heatmap, like an RPN (CenterNet2-agnostic; official WITH_AGN_HM with
+    # ONLY_PROPOSAL); False: one per category, from a classification tower.
     _C.MODEL.CENTERNET.AGNOSTIC = False
     # True: output proposals for RoI heads (CenterNet2); False: output final detections (CenterNet-FPN).
     _C.MODEL.CENTERNET.ONLY_PROPOSAL = False
     # FPN levels the head runs on, and their strides.
     _C.MODEL.CENTERNET.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     _C.MODEL.CENTERNET.FPN_STRIDES = [8, 16, 32, 64, 128]
-    # Sizes of interest: an object of size sqrt(w*h) is assigned to every level whose [lo, hi]
-    # contains it (ranges overlap, so a borderline object trains two levels).
+    # Sizes of interest: an object of half-diagonal sqrt(w^2 + h^2) / 2 (official
+    # ``assign_fpn_level``) trains every level whose [lo, hi] contains it (ranges overlap, so a
+    # borderline object trains two levels). In pixels of the resized image.
     _C.MODEL.CENTERNET.SOI = [[0, 80], [64, 160], [128, 320], [256, 640], [512, 100000]]
-    # Convolutions in the classification (heatmap) and box towers, shared across levels.
+    # Convolutions in the classification and box towers, shared across levels. The agnostic head
+    # (AGNOSTIC) has no classification tower: its heatmap reads the box tower (official ONLY_PROPOSAL).
     _C.MODEL.CENTERNET.NUM_CLS_CONVS = 4
     _C.MODEL.CENTERNET.NUM_BOX_CONVS = 4
     # Normalisation in the towers ("GN" as in CenterNet-FPN, "" for none).
     _C.MODEL.CENTERNET.NORM = "GN"
     # Initial heatmap probability, sets the output bias (focal-loss practice).
     _C.MODEL.CENTERNET.PRIOR_PROB = 0.01
-    # Penalty-reduced focal loss exponents (CenterNet, Zhou et al. 2019, eq. 1: alpha, beta).
-    _C.MODEL.CENTERNET.HM_FOCAL_ALPHA = 2.0
+    # Initial bias of the box distances, in strides (official: 8).
+    _C.MODEL.CENTERNET.BBOX_PRED_BIAS = 8.0
+    # Heatmap focal loss, official names and defaults (centernet/config.py): HM_FOCAL_ALPHA balances
+    # positives (x alpha) against negatives (x (1 - alpha)), -1: no balance; LOSS_GAMMA is the focal
+    # exponent (CenterNet eq. 1's alpha); HM_FOCAL_BETA the penalty reduction near centres.
+    _C.MODEL.CENTERNET.HM_FOCAL_ALPHA = 0.25
+    _C.MODEL.CENTERNET.LOSS_GAMMA = 2.0
     _C.MODEL.CENTERNET.HM_FOCAL_BETA = 4.0
-    # Gaussian target: sigma = SIGMA_RATIO * sqrt(w*h) of the object, in pixels.
-    _C.MODEL.CENTERNET.SIGMA_RATIO = 0.1
-    # Box regression is trained at locations whose Gaussian target is >= this (and inside the box).
-    _C.MODEL.CENTERNET.REG_GAUSSIAN_THRESH = 0.5
-    # Loss weights of the heatmap focal loss and the GIoU box loss (report sec. 4: 0.5 each in
-    # CenterNet2, as CenterNet alone is trained with half the learning rate).
+    # Heatmap probabilities are clamped to [this, 1 - this] in the loss.
+    _C.MODEL.CENTERNET.SIGMOID_CLAMP = 1e-4
+    # Negatives whose probability is >= this get no loss (tolerates unlabelled objects); -1: off.
+    # Official default -1, 0.85 in the CenterNet2 configs.
+    _C.MODEL.CENTERNET.IGNORE_HIGH_FP = -1.0
+    # Gaussian heatmap targets exp(-d^2 / r^2), r^2 = max(2 delta^2 w h, MIN_RADIUS^2) with
+    # delta = (1 - HM_MIN_OVERLAP) / (1 + HM_MIN_OVERLAP) (0.2 / 1.8); MIN_RADIUS in pixels.
+    _C.MODEL.CENTERNET.HM_MIN_OVERLAP = 0.8
+    _C.MODEL.CENTERNET.MIN_RADIUS = 4.0
+    # Heatmap loss: positive and negative sums times these, over the number of positives
+    # (official POS_WEIGHT / NEG_WEIGHT: 1 in CenterNet-FPN, 0.5 in CenterNet2 - the report's
+    # "CenterNet loss weights 0.5"). HM_WEIGHT: one more factor on both (not in the official code: 1).
+    _C.MODEL.CENTERNET.POS_WEIGHT = 1.0
+    _C.MODEL.CENTERNET.NEG_WEIGHT = 1.0
     _C.MODEL.CENTERNET.HM_WEIGHT = 1.0
-    _C.MODEL.CENTERNET.REG_WEIGHT = 1.0
-    # Candidates below this heatmap score are dropped before top-k.
-    _C.MODEL.CENTERNET.SCORE_THRESH = 0.001
+    # Weight of the GIoU box loss (official: 2 in CenterNet-FPN, 1 in CenterNet2; the report's
+    # "loss weights 0.5" are the heatmap's only).
+    _C.MODEL.CENTERNET.REG_WEIGHT = 2.0
+    # True: every regression location weighs 1 and the loss is averaged over locations (official
+    # NOT_NORM_REG); False: weighted by the heatmap target there.
+    _C.MODEL.CENTERNET.NOT_NORM_REG = True
+    # Official MORE_POS: besides the centre cells, those of the 3x3 cells around each centre whose
+    # GIoU loss is below min(the MORE_POS_TOPK-th smallest, MORE_POS_THRESH) are heatmap positives.
+    _C.MODEL.CENTERNET.MORE_POS = False
+    _C.MODEL.CENTERNET.MORE_POS_THRESH = 0.2
+    _C.MODEL.CENTERNET.MORE_POS_TOPK = 9
+    # Candidates with heatmap probability <= this are dropped before top-k (official INFERENCE_TH).
+    _C.MODEL.CENTERNET.SCORE_THRESH = 0.05
     # Per-level top-k before NMS, and the number kept after NMS over all levels, train / test.
-    _C.MODEL.CENTERNET.PRE_NMS_TOPK_TRAIN = 4000
+    _C.MODEL.CENTERNET.PRE_NMS_TOPK_TRAIN = 1000
     _C.MODEL.CENTERNET.PRE_NMS_TOPK_TEST = 1000
-    _C.MODEL.CENTERNET.POST_NMS_TOPK_TRAIN = 2000
-    _C.MODEL.CENTERNET.POST_NMS_TOPK_TEST = 256
-    # IoU threshold of the NMS over candidates (report sec. 4: 0.9 for CenterNet2 proposals).
-    _C.MODEL.CENTERNET.NMS_THRESH_TRAIN = 0.9
-    _C.MODEL.CENTERNET.NMS_THRESH_TEST = 0.9
+    _C.MODEL.CENTERNET.POST_NMS_TOPK_TRAIN = 100
+    _C.MODEL.CENTERNET.POST_NMS_TOPK_TEST = 100
+    # IoU threshold of the NMS over candidates (official NMS_TH_*; 0.9 for CenterNet2 proposals).
+    _C.MODEL.CENTERNET.NMS_THRESH_TRAIN = 0.6
+    _C.MODEL.CENTERNET.NMS_THRESH_TEST = 0.6
 
     # ---- Cascade RoI heads ------------------------------------------------------------------------
     # At test, final score = sqrt(proposal score * classification score) (report sec. 4).
@@ -59,8 +85,10 @@ def add_centernet2_config(cfg: CN) -> CN:
     _C.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = ""
     # Initial class probability of the sigmoid losses; sets the class logits' bias (focal-loss practice).
     _C.MODEL.ROI_BOX_HEAD.PRIOR_PROB = 0.01
-    # fedloss: |S|, the categories that get a loss per iteration (report sec. 3: 50 on LVIS v1).
-    # -1: round(C * 50 / 1203), i.e. 50 on LVIS v1 and the same fraction of C elsewhere.
+    # fedloss: |S|, the classes that get a loss per iteration (report sec. 3: 50 on LVIS v1). As in
+    # the official get_fed_loss_inds, the background index counts when background RoIs exist, so
+    # S then holds |S| - 1 categories (49 on LVIS). -1: round(C * 50 / 1203), i.e. 50 on LVIS v1
+    # and the same fraction of C elsewhere.
     _C.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = -1
     # fedloss: negatives are drawn with probability proportional to image_count ** this (report: 0.5).
     _C.MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER = 0.5

@@ -156,8 +156,9 @@ class FederatedLoss(SigmoidCE):
     The federated loss (report section 3). Each call (every training iteration, in every cascade
     stage, as in the report's implementation) draws a category set S: all categories among the
     RoIs' labels, plus negatives sampled without replacement with probability proportional to
-    image_count^power (power 0.5) until |S| = ``FED_LOSS_NUM_CLASSES`` (50 on LVIS v1), or all C
-    categories when fewer. Only the BCE terms of categories in S count; the rest get no gradient.
+    image_count^power (power 0.5) until |S| = ``FED_LOSS_NUM_CLASSES`` (50 on LVIS v1; the
+    background label counts as one when present, as in the official code), or all C categories
+    when fewer. Only the BCE terms of categories in S count; the rest get no gradient.
     """
 
     def __init__(self, cfg, generator: Optional[torch.Generator] = None):
@@ -169,12 +170,16 @@ class FederatedLoss(SigmoidCE):
         self.generator = generator
 
     def sample_classes(self, gt_classes: torch.Tensor) -> torch.Tensor:
-        """S: sorted category indices, (|S|,), from the RoIs' labels (R,)."""
-        positives = gt_classes[gt_classes < self.num_classes].unique().cpu()
-        size = min(max(self.set_size, len(positives)), self.num_classes)
+        """
+        S: sorted category indices from the RoIs' labels (R,). As the official
+        ``get_fed_loss_inds``, the labels present count towards |S| including the background index
+        C, which gets no loss: with background RoIs, S holds ``set_size - 1`` categories.
+        """
+        appeared = gt_classes.unique().cpu()
+        positives = appeared[appeared < self.num_classes]
         weights = self.sample_weights.clone()
         weights[positives] = 0.0
-        n_neg = min(size - len(positives), int((weights > 0).sum()))
+        n_neg = min(max(self.set_size - len(appeared), 0), int((weights > 0).sum()))
         negatives = (torch.multinomial(weights, n_neg, replacement=False, generator=self.generator)
                      if n_neg > 0 else positives.new_zeros(0))
         return torch.cat([positives, negatives]).sort().values

@@ -57,7 +57,7 @@ def _fpn_p2p6(cfg):
     cfg.MODEL.CENTERNET.SOI = [[lo / 2, hi / 2 if hi < 100000 else hi] for lo, hi in cfg.MODEL.CENTERNET.SOI]
     cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[s / 2 for s in sizes] for sizes in cfg.MODEL.ANCHOR_GENERATOR.SIZES]
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     cfg.MODEL.POINT_HEAD.IN_FEATURES = ["p2"]
     cfg.MODEL.POINT_HEAD.FEATURE_STRIDES = [4]
 

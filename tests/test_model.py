@@ -1,6 +1,4 @@
 """CenterNet2 and its baselines: every Table 1 config end to end, and the pieces by hand."""
-import math
-
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -8,7 +6,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 from model import get_model_cfg
-from model.centernet import CenterNet, assign_levels, gaussian_targets, heatmap_focal_loss
+from model.centernet import CenterNet
 from model.presets import DETECTORS
 from model.roi_heads import combine_scores
 
@@ -26,7 +24,8 @@ def _batch(n=2, size=96, num_classes=5):
 
 @pytest.mark.parametrize("detector", list(DETECTORS))
 def test_every_detector_trains_and_infers_at_smoke_scale(detector):
-    cfg = get_model_cfg(detector, "smoke", num_classes=5)
+    # Untrained, CenterNet-FPN's heatmaps sit at the prior 0.01, below its official 0.05 threshold.
+    cfg = get_model_cfg(detector, "smoke", num_classes=5, overrides=["MODEL.CENTERNET.SCORE_THRESH", 0.001])
     model = build_model(cfg)
     model.train()
     with EventStorage(0):
@@ -59,12 +58,13 @@ def test_configs_differ_only_where_the_table_row_does():
     assert agn.MODEL.CENTERNET.AGNOSTIC and not spec.MODEL.CENTERNET.AGNOSTIC
     agn.MODEL.CENTERNET.AGNOSTIC = False
     assert agn.dump() == spec.dump()
-    # The report's CenterNet2 settings (section 4) and the baseline's.
+    # The report's CenterNet2 settings (section 4) as the official LVIS config sets them, and the baseline's.
     c = get_model_cfg("centernet2_agnostic").MODEL
-    assert (c.CENTERNET.HM_WEIGHT, c.CENTERNET.REG_WEIGHT, c.CENTERNET.NMS_THRESH_TRAIN) == (0.5, 0.5, 0.9)
+    assert (c.CENTERNET.POS_WEIGHT, c.CENTERNET.NEG_WEIGHT, c.CENTERNET.REG_WEIGHT) == (0.5, 0.5, 1.0)
+    assert (c.CENTERNET.HM_WEIGHT, c.CENTERNET.NMS_THRESH_TRAIN) == (1.0, 0.9)
     assert (c.CENTERNET.PRE_NMS_TOPK_TRAIN, c.CENTERNET.POST_NMS_TOPK_TRAIN) == (4000, 2000)
     assert (c.CENTERNET.PRE_NMS_TOPK_TEST, c.CENTERNET.POST_NMS_TOPK_TEST) == (1000, 256)
-    assert list(c.ROI_BOX_CASCADE_HEAD.IOUS) == [0.6, 0.7, 0.8] and c.ROI_HEADS.NMS_THRESH_TEST == 0.7
+    assert list(c.ROI_BOX_CASCADE_HEAD.IOUS) == [0.6, 0.7, 0.8] and c.ROI_HEADS.NMS_THRESH_TEST == 0.5
     assert c.ROI_HEADS.MULT_PROPOSAL_SCORE and c.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG
     b = get_model_cfg("cascadercnn").MODEL
     assert list(b.ROI_BOX_CASCADE_HEAD.IOUS) == [0.5, 0.6, 0.7] and b.RPN.POST_NMS_TOPK_TEST == 1000
@@ -83,59 +83,12 @@ def test_backbone_has_p3_to_p7_with_p6_p7_from_p5():
 
 # --- pieces against hand-computed values -----------------------------------------------------
 
-def test_heatmap_focal_loss_matches_eq1_by_hand():
-    logits = torch.tensor([math.log(3), 0.0, -math.log(3)])  # p = 0.75, 0.5, 0.25
-    targets = torch.tensor([1.0, 0.5, 0.0])
-    # pos: (1-.75)^2 ln .75; neg: (1-.5)^4 .5^2 ln .5 + (1-0)^4 .25^2 ln .75; N = 1.
-    expected = -(0.0625 * math.log(0.75) + 0.0625 * 0.25 * math.log(0.5) + 0.0625 * math.log(0.75))
-    assert heatmap_focal_loss(logits, targets, 1.0).item() == pytest.approx(expected, rel=1e-5)
-    assert heatmap_focal_loss(logits, targets, 2.0).item() == pytest.approx(expected / 2, rel=1e-5)
-    # beta weights the negatives near a centre: beta = 2 gives (1-.5)^2 instead of ^4.
-    expected_b2 = expected - 0.25 * 0.25 * math.log(0.5) + 0.0625 * 0.25 * math.log(0.5)
-    assert heatmap_focal_loss(logits, targets, 1.0, beta=2.0).item() == pytest.approx(expected_b2, rel=1e-5)
-
-
-def test_gaussian_target_by_hand():
-    locs = torch.tensor([[12.0, 12.0], [16.0, 12.0], [12.0, 20.0]])
-    g = gaussian_targets(locs, torch.tensor([[12.0, 12.0]]), torch.tensor([4.0]))
-    assert g.tolist()[0] == pytest.approx([1.0, math.exp(-16 / 32), math.exp(-64 / 32)])
-
-
-def test_level_assignment_by_size():
-    soi = torch.tensor([[0, 80], [64, 160], [128, 320], [256, 640], [512, 100000]], dtype=torch.float32)
-    a = assign_levels(torch.tensor([10.0, 70.0, 100.0, 700.0]), soi)
-    assert a.T.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1]]
-
-
 def _one_level_centernet(**kw):
     args = dict(head=torch.nn.Identity(), in_features=["p3"], strides=[8], soi=[[0, 100000]], num_classes=1,
-                agnostic=True, only_proposal=True, hm_alpha=2.0, hm_beta=4.0, sigma_ratio=0.01,
-                reg_thresh=0.5, hm_weight=1.0, reg_weight=1.0, score_thresh=0.001,
+                agnostic=True, only_proposal=True, score_thresh=0.001,
                 pre_nms_topk=(1000, 1000), post_nms_topk=(256, 256), nms_thresh=(0.9, 0.9))
     args.update(kw)
     return CenterNet(**args)
-
-
-def test_centernet_losses_by_hand():
-    # A 4x4 map at stride 8; one object [4, 4, 20, 20] centred at (12, 12): cell (1, 1).
-    gt = Instances((32, 32))
-    gt.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 20.0, 20.0]]))
-    gt.gt_classes = torch.tensor([0])
-    net = _one_level_centernet()
-    heat, mask, boxes, weight = net.targets_for_image(gt, *net._locations([(4, 4)], None)[::2], [(4, 4)])
-    assert heat[0, 5] == 1.0 and heat.sum() == pytest.approx(1.0, abs=1e-6)  # tiny sigma: a lone peak
-    assert mask.nonzero().flatten().tolist() == [5]
-    # Logits 0 (p = .5): 16 terms of .25 ln .5 with N = 1 -> 4 ln 2.
-    # Distances 0.5 strides each side -> box [8, 8, 16, 16]: IoU 64/256, enclosing box = the GT,
-    # so GIoU = .25 and the GIoU loss .75.
-    losses = net.losses([torch.zeros(1, 1, 4, 4)], [torch.full((1, 4, 4, 4), 0.5)], [(4, 4)], [gt])
-    assert losses["loss_centernet_hm"].item() == pytest.approx(4 * math.log(2), rel=1e-5)
-    assert losses["loss_centernet_reg"].item() == pytest.approx(0.75, rel=1e-5)
-    # Class-specific: the peak lands in the object's own channel.
-    net = _one_level_centernet(agnostic=False, num_classes=3)
-    gt.gt_classes = torch.tensor([2])
-    heat = net.targets_for_image(gt, *net._locations([(4, 4)], None)[::2], [(4, 4)])[0]
-    assert heat[2, 5] == 1.0 and heat[:2].sum() == 0
 
 
 def test_sqrt_score_rule_by_hand():
@@ -157,10 +110,12 @@ def test_proposal_counts_topk_and_nms():
                                pre_nms_topk=(10, 10)).eval()
     (props,) = net.inference(heat, ltrb, [(320, 320)])
     assert len(props) == 20  # 10 per level before NMS
-    # Boxes on top of each other collapse under NMS: one survivor per distinct box.
-    big = [torch.full((1, 4, 40, 40), 100.0), torch.full((1, 4, 20, 20), 100.0)]
+    # Boxes on top of each other collapse under NMS: all 20 are 16000 px wide and at most 320 px
+    # apart, IoU >= (15680 / 16320)^2 = 0.92 > 0.9: one survivor. As in the official code,
+    # proposals are not clipped to the image.
+    big = [torch.full((1, 4, 40, 40), 1000.0), torch.full((1, 4, 20, 20), 500.0)]
     (props,) = net.inference(heat, big, [(320, 320)])
-    assert len(props) == 1 and props.proposal_boxes.tensor.tolist() == [[0.0, 0.0, 320.0, 320.0]]
+    assert len(props) == 1
 
 
 def test_agnostic_proposals_feed_roi_heads_256_at_test():
