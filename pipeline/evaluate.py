@@ -6,21 +6,29 @@ Runs the final checkpoint over the validation split with detectron2's ``LVISEval
 ``COCOEvaluator`` (pycocotools) for COCO-labelled data, and times inference per image (batch 1,
 warm-up images excluded, median over the split; device and threads recorded: Table 1's runtime).
 Writes ``DIR/metrics.json`` (APs in percent, as detectron2 reports them; ``null`` where the split
-has no category of a bucket) and logs the same to the run's MLflow run.
+has no category of a bucket; the ids of the images evaluated) and logs the same to the run's MLflow run.
+
+``max_images: N`` evaluates the first N images of the split (detectron2's loading order) as a
+dataset of their own: their annotations are written to ``subset_<split>_first<N>.json`` in the
+evaluation's directory and registered with detectron2's catalogs, so the evaluator and the official
+API score exactly the images that were run — not the whole split with the rest counted as misses.
 """
 import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data.datasets import load_lvis_json, register_coco_instances
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -45,7 +53,7 @@ class TimedModel(nn.Module):
         self.times_ms = []
 
     def forward(self, inputs):
-        cuda = next(self.inner.parameters()).is_cuda
+        cuda = any(p.is_cuda for p in self.inner.parameters())
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -63,7 +71,46 @@ def _clean(value):
     return float(value)
 
 
-def evaluate(run_dir: Path, warmup: int = 5, max_images: int = None) -> dict:
+def subset(split: datasets.Split, max_images: Optional[int], out_dir: Path) -> Tuple[str, List[int]]:
+    """
+    The dataset to evaluate on and its image ids, in loading order: ``split`` itself, or — with
+    ``max_images`` below its size — its first ``max_images`` images, registered as a dataset of
+    their own (annotation json in ``out_dir``, ``split``'s metadata) so the evaluator's ground truth
+    is those images only.
+    """
+    records = DatasetCatalog.get(split.name)
+    if not max_images or max_images >= len(records):
+        return split.name, [r["image_id"] for r in records]
+    ids = [r["image_id"] for r in records[:max_images]]
+    keep = set(ids)
+    full = json.loads(split.json_file.read_text())
+    part = {**full, "images": [im for im in full["images"] if im["id"] in keep],
+            "annotations": [a for a in full["annotations"] if a["image_id"] in keep]}
+    name = f"{split.name}_first{max_images}"
+    json_file = out_dir / f"subset_{name}.json"
+    write_text(json_file, json.dumps(part))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    # split's metadata (class names, id mapping) for the subset, with the subset's annotation file.
+    meta = {k: v for k, v in MetadataCatalog.get(split.name).as_dict().items()
+            if k not in ("name", "json_file", "image_root", "evaluator_type")}
+    if split.kind == "lvis":
+        DatasetCatalog.register(name, lambda: load_lvis_json(str(json_file), str(split.image_root) + os.sep))
+        MetadataCatalog.get(name).set(json_file=str(json_file), image_root=str(split.image_root),
+                                      evaluator_type="lvis", **meta)
+    else:
+        register_coco_instances(name, meta, str(json_file), str(split.image_root))
+    return name, ids
+
+
+def evaluate(run_dir: Path, warmup: int = 5, max_images: Optional[int] = None,
+             model: Optional[nn.Module] = None) -> dict:
+    """
+    Evaluate the run in ``run_dir`` on the first ``max_images`` validation images (None: all).
+    ``model`` stands in for the run's final checkpoint when given (a module mapping detectron2's
+    inference inputs to ``{"instances": Instances}``: known predictions, in tests).
+    """
     run_dir = Path(run_dir)
     if not (run_dir / DONE_FILE).is_file():
         raise FileNotFoundError(f"{run_dir}: no finished training ({DONE_FILE}); run pipeline.train first")
@@ -72,28 +119,28 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: int = None) -> dict:
     splits = datasets.register(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
                                else Path(spec.data.get("root") or datasets.default_root()))
     cfg = CfgNode.load_cfg((run_dir / "config.yaml").read_text())
-    val = cfg.DATASETS.TEST[0]
-    kind = next(s.kind for flavour in splits.values() for s in flavour if s.name == val)
-    model = build_model(cfg)
-    checkpoint = DetectionCheckpointer(model).load(str(run_dir / "model_final.pth"))
-    model.eval()
-    if cfg.TEST.AUG.ENABLED:  # Table 3 "+ test-aug": detectron2's TTA for R-CNNs, boxes and masks merged
-        from detectron2.modeling import GeneralizedRCNNWithTTA
+    split = next(s for flavour in splits.values() for s in flavour if s.name == cfg.DATASETS.TEST[0])
+    out_dir = run_dir / "eval"
+    dataset, image_ids = subset(split, max_images, out_dir)
+    iteration = None
+    if model is None:
+        model = build_model(cfg)
+        iteration = int(DetectionCheckpointer(model).load(str(run_dir / "model_final.pth")).get(
+            "iteration", cfg.SOLVER.MAX_ITER - 1))
+        model.eval()
+        if cfg.TEST.AUG.ENABLED:  # Table 3 "+ test-aug": detectron2's TTA for R-CNNs, boxes and masks merged
+            from detectron2.modeling import GeneralizedRCNNWithTTA
 
-        model = GeneralizedRCNNWithTTA(cfg, model)
+            model = GeneralizedRCNNWithTTA(cfg, model)
     timed = TimedModel(model)
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-    out_dir = run_dir / "eval"
-    if kind == "lvis":
-        evaluator = LVISEvaluator(val, tasks=tasks, distributed=False, output_dir=str(out_dir))
+    if split.kind == "lvis":
+        evaluator = LVISEvaluator(dataset, tasks=tasks, distributed=False, output_dir=str(out_dir))
     else:  # the fast COCOeval needs detectron2's compiled extension: use pycocotools
-        evaluator = COCOEvaluator(val, tasks=tasks, distributed=False, output_dir=str(out_dir),
+        evaluator = COCOEvaluator(dataset, tasks=tasks, distributed=False, output_dir=str(out_dir),
                                   use_fast_impl=False)
-    loader = build_detection_test_loader(cfg, val)
-    if max_images:
-        loader = [batch for _, batch in zip(range(max_images), loader)]
     with torch.no_grad():
-        results = inference_on_dataset(timed, loader, evaluator)
+        results = inference_on_dataset(timed, build_detection_test_loader(cfg, dataset), evaluator)
     metrics = {task: {k: _clean(v) for k, v in results.get(task, {}).items() if "-" not in k} for task in tasks}
     for task in tasks:  # a model with no detections at all has AP 0, not NaN
         if task in results and all(v is None for v in metrics[task].values()):
@@ -101,9 +148,10 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: int = None) -> dict:
     timed_ms = timed.times_ms[warmup:] or timed.times_ms
     record = {
         **metrics,
-        "iteration": int(checkpoint.get("iteration", cfg.SOLVER.MAX_ITER - 1)),
-        "dataset": {"name": spec.data_name, "annotations": spec.annotations, "split": val,
-                    "checksum": dataset_checksum(spec)},
+        "iteration": iteration,
+        "dataset": {"name": spec.data_name, "annotations": spec.annotations, "split": split.name,
+                    "evaluated_as": dataset, "checksum": dataset_checksum(spec)},
+        "images": {"count": len(image_ids), "ids": image_ids},
         "runtime": {"ms_per_image": round(statistics.median(timed_ms), 2), "images": len(timed_ms),
                     "warmup": min(warmup, len(timed.times_ms)), "batch": 1, "device": cfg.MODEL.DEVICE,
                     "device_name": torch.cuda.get_device_name(0) if cfg.MODEL.DEVICE == "cuda" else "cpu",
@@ -116,7 +164,9 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: int = None) -> dict:
         tracker.run_id = (run_dir / RUN_ID_FILE).read_text().strip()
         flat = {f"{task}/{k}": v for task in tasks for k, v in metrics[task].items()}
         flat["runtime_ms_per_image"] = record["runtime"]["ms_per_image"]
-        tracker.log_final(flat, record["iteration"], [run_dir / METRICS_FILE])
+        flat["eval_images"] = len(image_ids)
+        tracker.log_final(flat, cfg.SOLVER.MAX_ITER - 1 if iteration is None else iteration,
+                          [run_dir / METRICS_FILE])
     return record
 
 

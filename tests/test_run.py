@@ -121,7 +121,8 @@ def test_evaluate_writes_metrics_and_logs_them(tiny, tmp_path, mlflow_uri):
     assert on_disk == record
     box = record["bbox"]
     assert set(box) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"}
-    assert all(v is None or 0.0 <= v <= 100.0 for v in box.values())
+    # The values themselves: tests/test_metrics.py (against the official APIs and known predictions).
+    assert record["images"] == {"count": 6, "ids": [25, 26, 27, 28, 29, 30]}  # all 6 (val ids follow train's 24)
     assert record["iteration"] == MAX_ITER - 1
     assert record["dataset"]["checksum"] == "abc123"
     assert record["runtime"]["ms_per_image"] > 0 and record["runtime"]["images"] == 5
@@ -177,4 +178,4 @@ def test_a_mask_model_reports_mask_ap_through_the_lvis_evaluator(tiny, tmp_path,
     record = ev.evaluate(run_dir, warmup=1)
     assert set(record["segm"]) == set(record["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc",
                                                           "APf"}
-    assert all(v is None or 0.0 <= v <= 100.0 for v in record["segm"].values())
+    # Mask AP of known masks: tests/test_metrics.py::test_ground_truth_as_predictions_scores_100.
