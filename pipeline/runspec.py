@@ -59,7 +59,7 @@ class RunSpec:
     def identity(self) -> Dict[str, Any]:
         """What determines the run's results: everything but its names, seed aside, and the
         settings that change no number (logging period, data-loading workers)."""
-        train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers")}
+        train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers", "keep_checkpoints")}
         return {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
                 "data": self.data, "train": train, "eval": self.eval, "opts": self.opts,
                 "switches": self.switches}
@@ -105,17 +105,23 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
 
 
 ROW_KEYS = ("detector", "loss", "seeds", "scale", "data", "train", "switches")
+# What a row never inherits: the main experiment's detector, loss and Table 3 steps. A row names its
+# own detector and loss and lists its own switches (none when it lists none); the rest (data, scale,
+# seeds, train, eval, tracking, launcher) comes from the top level unless the row overrides it.
+ROW_ONLY = {"detector": None, "loss": None, "switches": []}
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``update`` merged in, mapping by mapping (a row's ``data`` overrides single keys)."""
     out = copy.deepcopy(base)
     for k, v in update.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else copy.deepcopy(v)
     return out
 
 
 def study_rows(params: Dict[str, Any], study: str) -> Dict[str, Dict[str, Any]]:
-    """The rows of ``studies.<study>``, each checked and merged into the top-level params."""
+    """The rows of ``studies.<study>``, each checked and merged into the top-level params (all but
+    ``ROW_ONLY``, which the row alone sets)."""
     studies = params.get("studies") or {}
     if study not in studies:
         raise P.ParamError(f"params.yaml: studies.{study}: no such study; allowed: {', '.join(studies) or '(none)'}")
@@ -128,8 +134,8 @@ def study_rows(params: Dict[str, Any], study: str) -> Dict[str, Dict[str, Any]]:
         for required in ("detector", "loss"):
             if required not in row:
                 raise P.ParamError(f"params.yaml: {prefix}: missing key '{required}'")
-        merged = _merge(params, {k: v for k, v in row.items()})
-        merged.pop("studies", None)
+        inherited = {k: v for k, v in params.items() if k not in ROW_ONLY and k != "studies"}
+        merged = _merge(inherited, {"switches": list(ROW_ONLY["switches"]), **row})
         try:
             P.validate(merged, source=f"params.yaml ({prefix})")
         except P.ParamError as e:
