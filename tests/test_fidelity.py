@@ -49,8 +49,8 @@ def test_1_agnostic_head_has_the_official_parameter_count():
         4 x (256*256*9 + 256 + 2*256) = 4 x 590,592 = 2,362,368
         bbox_pred 256*4*9 + 4 = 9,220;  agn_hm 256*9 + 1 = 2,305;  scales 5
         total 2,373,898.
-    Break tried: building the second (classification) tower for the heatmap again -> 4,736,266, fails;
-    convs without bias under GN -> 2,372,874, fails.
+    Breaks tried, each fails: building the classification tower again -> 4,736,266;
+    convs without bias under GN -> 2,372,874.
     """
     cfg = get_model_cfg("centernet2_agnostic", "paper")
     shapes = [ShapeSpec(channels=256, stride=s) for s in (8, 16, 32, 64, 128)]
@@ -82,8 +82,8 @@ def test_2_heatmap_loss_of_a_known_map_with_alpha_and_ignored_high_fp():
     Box: predicted distances .5 stride on each side at the centre, target 1 stride: in strides,
     IoU = (1 + 1) / (4 + 1) = 0.4, enclosing box = target -> GIoU loss 0.6 (official IOULoss: stride
     units, smoothed IoU; in pixels unsmoothed it would be 0.75), REG_WEIGHT 1.
-    Breaks tried: alpha dropped (pos and neg x 1) -> 1.1664, fails; IGNORE_HIGH_FP dropped -> +0.6994,
-    fails; GIoU in pixels -> 0.75, fails.
+    Breaks tried, each fails: alpha dropped (pos and neg x 1); IGNORE_HIGH_FP dropped (+ .5 * .75 *
+    .9^2 ln 10 = +0.6994); the IoU unsmoothed.
     """
     net = _net(MIN_RADIUS=1.0)
     logits = torch.zeros(1, 1, 4, 4)
@@ -102,7 +102,7 @@ def test_2_focal_loss_pieces_by_hand():
         neg = .75 * (.5^4 .75^2 ln 4)         = .75 * 0.04873691 = 0.03655268   (cell 1 ignored, cells 0 and 3 Y = 1)
     Without the ignore (ignore_high_fp = -1): neg += .75 * .9^2 ln 10 = 1.39882044.
     With alpha = -1 (no balance): pos = 0.17328680.
-    Break tried: the Y = 1 non-positive cell counted as a negative -> neg changes, fails.
+    Breaks tried, each fails: the ignore dropped; alpha dropped.
     """
     logits = torch.tensor([0.0, math.log(9), math.log(3), 0.0])
     targets = torch.tensor([1.0, 0.0, 0.5, 1.0])
@@ -140,8 +140,8 @@ def test_3_regression_at_3x3_centre_cells_inside_the_box_nearest_wins():
     14 locations. Loss with every predicted distance 0: per location 1 - 1 / (U + 1), U = the box's
     area in strides^2 (A 4x3 = 12, C 4x4 = 16, B .75x.75 = .5625), unit weights (NOT_NORM_REG)
     averaged over the 14: (5 * 12/13 + 8 * 16/17 + .36) / 14 = 0.89319977, x REG_WEIGHT 1.
-    Breaks tried: the old rule (Gaussian >= 0.5, Gaussian-weighted) -> other cells, fails; the first
-    object winning instead of the nearest -> 19 goes to A, fails; Gaussian weights -> fails.
+    Breaks tried, each fails: the first object winning instead of the nearest (19 goes to A);
+    heatmap-weighted locations (NOT_NORM_REG off).
     """
     net = _net()
     gt = _gt([[4, 4, 36, 28], [12, 12, 44, 44], [40, 40, 46, 46]])
@@ -155,12 +155,11 @@ def test_3_regression_at_3x3_centre_cells_inside_the_box_nearest_wins():
 
 def test_3_regression_only_on_assigned_levels():
     """
-    Two levels (stride 8: SOI [0, 10]; stride 16: [10, 1e5]); a box [8, 8, 16, 16] (half-diagonal
-    5.66) trains level 0 only: its centre cell there (1, 1) -> 5 is its single regression location
-    (neighbours at 4 / 20 are on the box edges, not strictly inside); none on level 1 (flat 16..19).
-    Break tried: dropping the level condition -> level-1 cell 16 (8, 8) is inside ... on the edge, so
-    a bigger box is needed; with [4, 4, 20, 20] kept on level 0 by SOI [0, 12] the level-1 cell
-    (8, 8) would regress: it does not -> only cells of level 0.
+    Two levels (stride 8: SOI [0, 12]; stride 16: [12, 1e5]); box [4, 4, 20, 20] (half-diagonal
+    11.31) trains level 0 only. Level 0: of the 3x3 cells around (12, 12) (centres 4 / 12 / 20) only
+    (12, 12) is strictly inside -> cell 5. Level 1 (flat 16..19): cell (8, 8) is inside the box and
+    is the centre's own cell there, but the level is not assigned -> no regression.
+    Break tried: dropping the level condition -> [5, 16], fails.
     """
     net = _net(strides=(8, 16), soi=((0, 12), (12, 100000)))
     _, _, _, _, mask = _targets(net, _gt([[4, 4, 20, 20]], size=32), [(4, 4), (2, 2)])
@@ -198,8 +197,8 @@ def test_5_heatmap_on_every_level_with_min_radius():
       level 1 (not assigned): its centre cell (8, 8) is the object's peak there -> d = 0 -> 1;
                (24, 8): exp(-(144 + 16)/16) = exp(-10) < 1e-4 -> 0.
     The single positive is level 0's cell 5; level 1's 1 is ignored by the loss (Y = 1, not listed).
-    Breaks tried: zeroing the Gaussian on non-assigned levels (the old rule) -> flat 16 is 0, fails;
-    no MIN_RADIUS floor -> exp(-64/1.58) = 0 at the neighbours, fails.
+    Breaks tried, each fails: zeroing the Gaussian on levels the object is not assigned to (the old
+    rule) -> flat 16 is 0; no MIN_RADIUS floor -> exp(-64/1.58) < 1e-4 -> 0 at the neighbours.
     """
     net = _net(strides=(8, 16), soi=((0, 10), (10, 100000)))
     heat, pos_loc, _, _, _ = _targets(net, _gt([[8, 8, 16, 16]], size=32), [(4, 4), (2, 2)])
@@ -312,7 +311,7 @@ def test_7_more_pos_adds_centre_neighbours_with_a_small_loss():
     0 everywhere (GIoU loss 1 - 1/13 = .923 in strides) except the exact targets at 10 ((20, 12):
     (16, 8, 16, 16) / 8 = (2, 1, 2, 2)) and 17 ((12, 20): (1, 2, 3, 1)), loss 0. The centre's loss
     is set to 0. Threshold min(9th smallest = INF, 0.2) = 0.2: positives 10, 17, 18.
-    Break tried: keeping only the centre (MORE_POS ignored) -> [18], fails.
+    Break tried: keeping only the centre cell as positive -> [18], fails.
     """
     net = _net("centernet")
     pred = torch.zeros(64, 4)
@@ -354,7 +353,7 @@ def test_9_bbox_bias_and_giou_in_strides():
     (I + 1) / (U + 1): pred (1, 1, 1, 1) vs target (2, 2, 2, 2): I = 4, U = 16, IoU = 5/17, the
     enclosing box is the target -> loss 1 - 5/17 = 0.70588; pred (1, 1, 1, 1) vs (0, 0, 2, 2): I = 1,
     U = 4 + 4 - 1 = 7 -> IoU 2/8, enclosing 3 x 3 = 9 -> GIoU .25 - 2/9 = 0.02778 -> loss 0.97222.
-    Break tried: the unsmoothed IoU -> 0.75, fails.
+    Break tried: the unsmoothed IoU (I / U) -> fails.
     """
     net = _net()
     assert net.head.bbox_pred.bias.tolist() == [8.0] * 4
