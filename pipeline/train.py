@@ -4,8 +4,9 @@ Train one run: ``python -m pipeline.train --run-dir DIR [--set KEY=VALUE ...] [-
 ``KEY`` is a dotted ``params.yaml`` key, the same keys ``dvc exp run -S`` takes (``--set scale=smoke
 --set loss=fedloss``). The run directory records the resolved settings (``run.json``) and the
 detectron2 config (``config.yaml``), and holds the log (``log.txt``), the training metrics
-(``train_metrics.jsonl``), checkpoints, and — only once training has finished — ``model_final.pth``,
-``loss_curve.png`` and ``train_done.json``.
+(``train_metrics.jsonl``), the last ``train.keep_checkpoints`` periodic checkpoints (weights, optimizer,
+scheduler, RNG and data position: what resuming needs), and — only once training has finished —
+``model_final.pth`` (the weights alone), ``loss_curve.png`` and ``train_done.json``.
 
 Built on detectron2's ``SimpleTrainer`` with its hooks (LR schedule with warm-up, periodic
 checkpoints, the terminal metric printer), ``DetectionCheckpointer`` and samplers
@@ -87,11 +88,55 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saved checkpoint {path}")
         self.tag_last_checkpoint(os.path.basename(path))
 
+    def save_weights(self, name: str, **kwargs) -> None:
+        """The model's weights alone (no optimizer, scheduler or RNG state: nothing resumes from it),
+        atomically; ``last_checkpoint`` keeps pointing at the last full checkpoint."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        with open(f"{path}.tmp", "wb") as f:
+            torch.save({"model": self.model.state_dict(), **kwargs}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{path}.tmp", path)
+        self.logger.info(f"Saved weights {path}")
+
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         tag = os.path.join(self.save_dir, "last_checkpoint")
         with open(f"{tag}.tmp", "w") as f:
             f.write(last_filename_basename)
         os.replace(f"{tag}.tmp", tag)
+
+
+class RetainingCheckpointer(hooks.PeriodicCheckpointer):
+    """
+    detectron2's periodic checkpoints, of which the last ``max_to_keep`` stay on disk — counting
+    those a resumed run finds there, which fvcore's in-memory list would never delete — and, at the
+    end, ``model_final.pth`` with the weights only. ``max_to_keep=0``: the last one stays while the run
+    trains (resuming needs it) and is deleted once the final weights are written.
+    """
+
+    def __init__(self, checkpointer: AtomicCheckpointer, period: int, max_to_keep: int):
+        super().__init__(checkpointer, period)
+        self.keep = max_to_keep
+
+    def before_train(self):
+        super().before_train()
+        # Zero-padded iteration numbers: name order is iteration order.
+        self.recent_checkpoints = sorted(str(p) for p in Path(self.checkpointer.save_dir).glob("model_[0-9]*.pth"))
+
+    def step(self, iteration: int, **kwargs) -> None:
+        iteration = int(iteration)
+        last = iteration >= self.max_iter - 1
+        if (iteration + 1) % self.period == 0:
+            self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration, **kwargs)
+            self.recent_checkpoints.append(self.checkpointer.get_checkpoint_file())
+        if last:
+            self.checkpointer.save_weights("model_final", iteration=iteration)
+        while len(self.recent_checkpoints) > max(self.keep, 0 if last else 1):
+            old = self.recent_checkpoints.pop(0)
+            if os.path.isfile(old):
+                os.remove(old)
 
 
 class MetricsLog(hooks.HookBase):
@@ -141,7 +186,8 @@ class MetricsLog(hooks.HookBase):
 class Trainer(SimpleTrainer):
     """detectron2's ``SimpleTrainer`` with the schedule, checkpointing and logging of one run."""
 
-    def __init__(self, cfg, seed: int, tracker: Optional[Tracker] = None, log_period: int = 20):
+    def __init__(self, cfg, seed: int, tracker: Optional[Tracker] = None, log_period: int = 20,
+                 keep_checkpoints: int = 1):
         seed_all_rng(seed)
         model = create_ddp_model(build_model(cfg), broadcast_buffers=False)
         optimizer = build_optimizer(cfg, model)
@@ -157,7 +203,7 @@ class Trainer(SimpleTrainer):
             hooks.IterationTimer(),
             hooks.LRScheduler(),
             self.metrics_log,
-            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
+            RetainingCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, keep_checkpoints),
             hooks.PeriodicWriter([CommonMetricPrinter(self.max_iter)], period=log_period),
         ])
 
@@ -309,7 +355,7 @@ def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
     if track and comm.is_main_process():
         tracker = start_tracking(run_dir, spec, cfg)
         tracker.client.update_run(tracker.run_id, status="RUNNING")
-    trainer = Trainer(cfg, spec.seed, tracker, spec.train.get("log_period", 20))
+    trainer = Trainer(cfg, spec.seed, tracker, spec.train.get("log_period", 20), spec.train.get("keep_checkpoints", 1))
     trainer.resume()
     logger.info(f"training {spec.ablation} seed {spec.seed}: iterations {trainer.start_iter}..{trainer.max_iter}")
     start = time.time()

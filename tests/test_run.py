@@ -73,6 +73,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, mlflow
     tr.run(crashed, spec)
     assert json.loads((crashed / tr.DONE_FILE).read_text())["resumed_from"] == 3
 
+    # Retention (train.keep_checkpoints: 1): the last periodic checkpoint, and the final weights alone.
+    # The resumed run also deleted the checkpoint it found on disk (iteration 2). Deliberate break
+    # tried: fvcore's in-memory list only (no look at the disk) -> model_0000002.pth stayed, failed.
+    for d in (straight, crashed):
+        assert sorted(p.name for p in d.glob("*.pth")) == ["model_0000005.pth", "model_final.pth"]
+        assert set(torch.load(d / "model_final.pth", weights_only=True)) == {"model", "iteration"}
     a, b = _weights(straight), _weights(crashed)
     assert a.keys() == b.keys()
     for k in a:
@@ -90,6 +96,22 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, mlflow
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "total_loss")]
         assert sorted(steps) == list(range(MAX_ITER))  # no duplicated steps after the resume
         assert child.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("keep, left", [(0, []), (2, ["model_0000001.pth", "model_0000002.pth"])])
+def test_keep_checkpoints_keeps_the_last_n(tiny, tmp_path, keep, left):
+    """3 iterations, a checkpoint each (iterations 0, 1, 2): ``keep_checkpoints: 2`` leaves the last
+    two, ``0`` none once finished; the final weights always, without optimizer or scheduler state.
+    Deliberate break tried: ``max(self.keep, ...)`` replaced by ``self.keep or 1`` -> keep 0 left
+    model_0000002.pth; the test failed."""
+    params = {**tiny["params"], "train": {**tiny["params"]["train"], "max_iter": 3, "checkpoint_period": 1,
+                                          "keep_checkpoints": keep}}
+    run_dir = tmp_path / f"keep{keep}"
+    tr.run(run_dir, resolve(params, seed=0, study="keep"), track=False)
+    assert sorted(p.name for p in run_dir.glob("*.pth")) == left + ["model_final.pth"]
+    final = torch.load(run_dir / "model_final.pth", weights_only=True)
+    assert set(final) == {"model", "iteration"} and final["iteration"] == 2
+    assert not list(run_dir.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("opts, message", [
