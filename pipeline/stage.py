@@ -31,6 +31,7 @@ from pipeline.train import DONE_FILE, twin_dir
 logger = logging.getLogger("pipeline.stage")
 RESULTS = Path("results")
 BOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+TABLE_KEYS = ("AP", "APr", "APc", "APf")  # the tables' columns: also on each row's parent MLflow run
 
 
 def run_store() -> Path:
@@ -86,7 +87,39 @@ def _summarise(rows: Dict[str, List[Tuple[RunSpec, Dict[str, Any]]]]) -> Dict[st
     return out
 
 
+def parent_metrics(summary: Dict[str, Any], n_seeds: int) -> Dict[str, float]:
+    """What a row's parent MLflow run shows: mean and std over seeds of each table metric, and n."""
+    out = {"n_seeds": n_seeds}
+    for task in ("bbox", "segm"):
+        for key in TABLE_KEYS:
+            stat = (summary.get(f"{task}_mean") or {}).get(key)
+            if stat and stat["n"]:
+                out[f"{task}/{key}_mean"], out[f"{task}/{key}_std"] = stat["mean"], stat["std"]
+    out["runtime_ms_mean"], out["runtime_ms_std"] = summary["runtime_ms"]["mean"], summary["runtime_ms"]["std"]
+    return out
+
+
 def _execute(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: str) -> Dict[str, Any]:
+    """Run what ``groups`` (row -> one spec per seed) needs, with the rows' MLflow parent runs open
+    meanwhile: ended FINISHED with their summaries, FAILED when a job failed, KILLED on Ctrl-C."""
+    tracker = Tracker(P.get(params, "tracking.uri"))
+    parents = {row: tracker.open_parent(study, specs[0].ablation) for row, specs in groups.items()}
+    summary: Dict[str, Any] = {}
+    status = "FAILED"
+    try:
+        summary = _run_rows(groups, params, study)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        for row, run_id in parents.items():
+            metrics = parent_metrics(summary[row], len(groups[row])) if row in summary else {}
+            tracker.close_parent(run_id, metrics, status)
+
+
+def _run_rows(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: str) -> Dict[str, Any]:
     unique: Dict[Path, RunSpec] = {}
     for specs in groups.values():
         for spec in specs:

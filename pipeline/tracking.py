@@ -1,6 +1,9 @@
 """
 MLflow tracking of runs: one experiment per study, one parent run per ablation (detector + loss +
-dataset ...), one nested run per seed.
+dataset ...), one nested run per seed. A stage opens the parent runs of its rows, and ends them
+(FINISHED, or FAILED / KILLED when a job failed or the stage was interrupted) with the row's mean and
+std over seeds of each table metric (``bbox/AP_mean``, ``bbox/AP_std``, ..., ``n_seeds``): the MLflow
+UI's compare view shows a row per ablation. A stage run again reuses its parents.
 
 - Store: ``$MLFLOW_TRACKING_URI`` if set, else ``params.yaml`` ``tracking.uri``, else MLflow's
   sqlite store ``mlflow.db`` at the repository root, as an absolute URI. DVC runs queued or
@@ -91,6 +94,36 @@ class Tracker:
         runs = self.client.search_runs([experiment_id], filter_string=filter_string, max_results=2)
         return runs[0] if runs else None
 
+    def _parent(self, experiment_id: str, ablation: str):
+        parent = self._find(experiment_id,
+                            f"tags.`{TAG_ABLATION}` = '{ablation}' and tags.`mlflow.parentRunId` IS NULL")
+        if parent is None:
+            parent = self.client.create_run(experiment_id, run_name=ablation, tags={TAG_ABLATION: ablation})
+        return parent
+
+    def open_parent(self, study: str, ablation: str) -> str:
+        """The parent run of ``ablation`` in ``study`` (found, else created), marked RUNNING: a stage
+        opens the parents of its rows before its jobs start and closes them (:meth:`close_parent`)."""
+        with self._locked():
+            parent = self._parent(self._experiment(study), ablation)
+            if parent.info.status != "RUNNING":
+                self.client.update_run(parent.info.run_id, status="RUNNING")
+            return parent.info.run_id
+
+    def close_parent(self, run_id: str, metrics: Dict[str, float], status: str = "FINISHED") -> None:
+        """Log ``metrics`` (the row's summary over seeds) on a parent run and end it with ``status``
+        (FINISHED, FAILED or KILLED)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        with self._locked():
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+            if items:
+                self.client.log_batch(run_id, metrics=items)
+            self.client.set_terminated(run_id, status)
+
     def start(self, run_dir: Path, study: str, ablation: str, seed: int, params: Dict[str, str],
               tags: Dict[str, str]) -> str:
         """Find or create the parent (ablation) and child (seed) runs; return the child's id."""
@@ -102,10 +135,7 @@ class Tracker:
                 self.run_id = id_file.read_text().strip()
                 return self.run_id
             exp = self._experiment(study)
-            parent = self._find(exp, f"tags.`{TAG_ABLATION}` = '{ablation}' and tags.`mlflow.parentRunId` IS NULL")
-            if parent is None:
-                parent = self.client.create_run(exp, run_name=ablation, tags={TAG_ABLATION: ablation})
-            parent_id = parent.info.run_id
+            parent_id = self._parent(exp, ablation).info.run_id
             child = self._find(exp, f"tags.`{TAG_RUN_DIR}` = '{run_dir}'")
             if child is None:
                 child = self.client.create_run(exp, run_name=f"{ablation}/seed{seed}", tags={

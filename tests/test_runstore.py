@@ -1,0 +1,114 @@
+"""The run store and its MLflow records around a stage: parent runs ended with their rows' summaries."""
+import json
+
+import pytest
+
+from pipeline import params as P
+from pipeline import stage
+from pipeline.evaluate import METRICS_FILE
+from pipeline.launch import StageFailed
+from pipeline.tracking import Tracker
+
+# Hand-made results per (loss, seed): box AP, APr, APc, APf and ms per image.
+RESULTS = {("softmax", 0): (10.0, 5.0, 8.0, 20.0, 30.0), ("softmax", 1): (14.0, 7.0, 8.0, 21.0, 34.0),
+           ("fedloss", 0): (12.0, 9.0, 10.0, 20.0, 31.0), ("fedloss", 1): (13.0, 10.0, 11.0, 21.0, 31.0)}
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    """A two-row study (softmax, fedloss) of two seeds, a run store and an MLflow sqlite store in
+    ``tmp_path``."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage, "run_store", lambda: tmp_path / "runs")
+    params = P.load(P.PARAMS_FILE)
+    params.update(seeds=[0, 1], run_studies=["t"], studies={"t": {
+        "softmax": {"detector": "centernet2_agnostic", "loss": "softmax"},
+        "fedloss": {"detector": "centernet2_agnostic", "loss": "fedloss"}}})
+    return {"params": params, "uri": uri}
+
+
+def fake_jobs(fail_on=None, interrupt=False):
+    """Stands in for ``launch.run_all``: each job opens its seed's MLflow run (as training does) and
+    'evaluates' to the hand-made RESULTS; a job of loss ``fail_on`` fails, or the wait is interrupted."""
+
+    def run_all(requests, launcher, folder, name="cn2"):
+        out = []
+        for run_dir, spec in requests:
+            tracker = Tracker(spec.tracking_uri)
+            tracker.start(run_dir, spec.study, spec.ablation, spec.seed, {"loss": spec.loss}, {})
+            if interrupt:
+                raise KeyboardInterrupt
+            if spec.loss == fail_on:
+                tracker.finish("FAILED")
+                raise StageFailed(f"job of {run_dir} failed")
+            ap, apr, apc, apf, ms = RESULTS[(spec.loss, spec.seed)]
+            metrics = {"bbox": {"AP": ap, "APr": apr, "APc": apc, "APf": apf}, "runtime": {"ms_per_image": ms}}
+            (run_dir / METRICS_FILE).write_text(json.dumps(metrics))
+            tracker.finish()
+            out.append(metrics)
+        return out
+
+    return run_all
+
+
+def _runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    parents = {r.data.tags["cn2.ablation"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    return runs, parents
+
+
+def test_a_stage_ends_its_parent_runs_with_mean_and_std_over_seeds(study, monkeypatch):
+    """
+    After the stage: no run RUNNING, each row's parent FINISHED with the study json's mean/std.
+    By hand, softmax AP (10, 14): mean 12, sample std sqrt(((10-12)^2 + (14-12)^2) / 1) = 2.828;
+    APc (8, 8): std 0; runtime (30, 34): 32 ± 2.828. Deliberate break tried: no close_parent in
+    stage._execute -> parents RUNNING without metrics; the test failed.
+    """
+    monkeypatch.setattr(stage, "run_all", fake_jobs())
+    out = stage.stage_study(study["params"], "t")
+    rows = json.loads(out.read_text())["rows"]
+    runs, parents = _runs(study["uri"])
+    assert len(runs) == 6 and set(parents) == {"softmax", "fedloss"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for row, parent in parents.items():
+        m = parent.data.metrics
+        assert m["n_seeds"] == 2
+        for key in ("AP", "APr", "APc", "APf"):
+            assert m[f"bbox/{key}_mean"] == rows[row]["bbox_mean"][key]["mean"]
+            assert m[f"bbox/{key}_std"] == rows[row]["bbox_mean"][key]["std"]
+        assert m["runtime_ms_mean"] == rows[row]["runtime_ms"]["mean"]
+        assert m["runtime_ms_std"] == rows[row]["runtime_ms"]["std"]
+    soft = parents["softmax"].data.metrics
+    assert (soft["bbox/AP_mean"], soft["bbox/AP_std"], soft["bbox/APc_std"]) == (12.0, 2.828, 0.0)
+    assert (soft["runtime_ms_mean"], soft["runtime_ms_std"]) == (32.0, 2.828)
+
+    # Run again: everything is evaluated already; the same parents are reused and end FINISHED.
+    stage.stage_study(study["params"], "t")
+    runs_again, parents_again = _runs(study["uri"])
+    assert len(runs_again) == 6
+    assert {p.info.run_id for p in parents_again.values()} == {p.info.run_id for p in parents.values()}
+    assert all(r.info.status == "FINISHED" for r in runs_again)
+
+
+@pytest.mark.parametrize("interrupt, status", [(False, "FAILED"), (True, "KILLED")])
+def test_a_failed_or_interrupted_stage_ends_its_parents_failed_or_killed(study, monkeypatch, interrupt, status):
+    """A job that fails ends the parents FAILED, Ctrl-C KILLED; the next, successful run of the
+    stage reuses them and ends them FINISHED. Deliberate break tried: ``except KeyboardInterrupt``
+    removed -> KILLED case ended FAILED; the test failed."""
+    monkeypatch.setattr(stage, "run_all", fake_jobs(fail_on="fedloss", interrupt=interrupt))
+    with pytest.raises(KeyboardInterrupt if interrupt else StageFailed):
+        stage.stage_study(study["params"], "t")
+    _, parents = _runs(study["uri"])
+    assert {p.info.status for p in parents.values()} == {status}
+    monkeypatch.setattr(stage, "run_all", fake_jobs())
+    stage.stage_study(study["params"], "t")
+    runs, parents_again = _runs(study["uri"])
+    assert {p.info.run_id for p in parents_again.values()} == {p.info.run_id for p in parents.values()}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parents_again["fedloss"].data.metrics["bbox/AP_mean"] == 12.5
