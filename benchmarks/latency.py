@@ -6,6 +6,10 @@ Inference latency of the four Table 1 detectors, side by side in one process.
 
 Same input size, batch 1, ``--warmup`` untimed images, then the median ms/image over ``--images``
 images, on the CPU (threads as torch sets them) and, when present, on CUDA (synchronised timing).
+Beside the time, each model's GFLOPs on the first image (detectron2's ``FlopCountAnalysis``, which
+counts one flop per multiply-add, i.e. GMACs, over convolutions, linear layers and the like; the
+count depends on the image only through how many candidates reach the RoI heads). ``--no-flops``
+skips it.
 ``--input synthetic`` uses the synthetic scale's models at 160x160; ``coco`` the report's models
 (R50, FPN P3-P7) at 800x1216 (a COCO-sized, 32-divisible input). Weights are random: speed does not
 depend on them, except through how many candidates pass the score threshold, which is why every
@@ -59,6 +63,39 @@ def measure(model, images, device: str, warmup: int) -> float:
     return statistics.median(times)
 
 
+def _flop_count_analysis():
+    """
+    detectron2's ``FlopCountAnalysis``. Its module imports ``detectron2.export`` for
+    ``TracingAdapter``, and that package's ``__init__`` imports caffe2, which modern PyTorch no
+    longer ships: stand in a ``detectron2.export`` package that holds only ``flatten.py``.
+    """
+    import importlib
+    import types
+
+    import detectron2
+
+    if "detectron2.export" not in sys.modules:
+        try:
+            importlib.import_module("detectron2.export")
+        except ImportError:
+            sys.modules.pop("detectron2.export", None)
+            stub = types.ModuleType("detectron2.export")
+            stub.__path__ = [str(Path(detectron2.__file__).parent / "export")]
+            sys.modules["detectron2.export"] = stub
+            stub.TracingAdapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
+    return importlib.import_module("detectron2.utils.analysis").FlopCountAnalysis
+
+
+def gflops(model, image: torch.Tensor, device: str) -> float:
+    """GFLOPs (fvcore: multiply-adds) of one inference on ``image`` (C, H, W)."""
+    FlopCountAnalysis = _flop_count_analysis()
+    inputs = [{"image": image.to(device), "height": image.shape[1], "width": image.shape[2]}]
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        return analysis.total() / 1e9
+
+
 def _models(scale: str, device: str, num_classes: int, table3: bool):
     """(row name, config) pairs: the four detectors, or the cumulative Table 3 steps."""
     if not table3:
@@ -74,7 +111,8 @@ def _models(scale: str, device: str, num_classes: int, table3: bool):
                                         overrides=["MODEL.DEVICE", device], switches=steps)
 
 
-def run(input_name: str, n_images: int, warmup: int, devices, num_classes: int = 80, table3: bool = False) -> dict:
+def run(input_name: str, n_images: int, warmup: int, devices, num_classes: int = 80, table3: bool = False,
+        flops: bool = True) -> dict:
     scale, (h, w) = INPUTS[input_name]
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for _ in range(n_images + warmup)]
@@ -91,7 +129,10 @@ def run(input_name: str, n_images: int, warmup: int, devices, num_classes: int =
                 model = GeneralizedRCNNWithTTA(cfg, model)
             rows[name] = {"ms_per_image": round(measure(model, images, device, warmup), 2),
                           "proposals": proposals_to_heads(cfg)}
-            print(f"  measured {name} on {device}: {rows[name]['ms_per_image']:.1f} ms/image", flush=True)
+            if flops and device == devices[0]:  # the count does not depend on the device
+                rows[name]["gflops"] = round(gflops(model, images[0], device), 1)
+            print(f"  measured {name} on {device}: {rows[name]['ms_per_image']:.1f} ms/image"
+                  + (f", {rows[name]['gflops']:.1f} GFLOPs" if "gflops" in rows[name] else ""), flush=True)
         name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         result["devices"][device] = {"device": name, "detectors": rows}
     return result
@@ -107,19 +148,21 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--table3", action="store_true",
                         help="rows: CenterNet2-agnostic and each Table 3 step added cumulatively")
+    parser.add_argument("--no-flops", action="store_true", help="skip the GFLOPs count")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if not devices:
         parser.error("--device cuda: no CUDA device visible")
-    result = run(args.input, args.images, args.warmup, devices, table3=args.table3)
+    result = run(args.input, args.images, args.warmup, devices, table3=args.table3, flops=not args.no_flops)
     for block in result["devices"].values():
         rows = block["detectors"]
         print(f"\n{block['device']}, input {result['input_size'][0]}x{result['input_size'][1]}, batch 1, "
               f"median of {args.images} images")
-        print(f"{'detector':<22}{'ms/image':>10}{'proposals':>11}")
+        print(f"{'detector':<22}{'ms/image':>10}{'GFLOPs':>9}{'proposals':>11}")
         for name, row in rows.items():
-            print(f"{name:<22}{row['ms_per_image']:>10.1f}{row['proposals']:>11}")
+            flops = f"{row['gflops']:>9.1f}" if "gflops" in row else f"{'-':>9}"
+            print(f"{name:<22}{row['ms_per_image']:>10.1f}{flops}{row['proposals']:>11}")
         if "cascadercnn" in rows:
             ratio = rows["centernet2_agnostic"]["ms_per_image"] / rows["cascadercnn"]["ms_per_image"]
             print(f"CenterNet2-agnostic / CascadeRCNN = {ratio:.2f} (report: 60/70 = 0.86; target <= 0.80)")
