@@ -427,7 +427,7 @@ class CenterNet(nn.Module):
                                       self.hm_alpha, self.hm_beta, self.hm_gamma, self.sigmoid_clamp,
                                       self.ignore_high_fp)
         # The official normaliser: positives averaged over workers, at least 1.
-        num_pos = max(self._mean_over_workers(float(len(pos_index))), 1.0)
+        num_pos = max(self._mean_over_workers(float(len(pos_index)), device), 1.0)
         loss_hm = (self.pos_weight * pos + self.neg_weight * neg) / num_pos
 
         mask = torch.stack(reg_masks)  # (N, M)
@@ -436,15 +436,16 @@ class CenterNet(nn.Module):
             weight = torch.ones(len(pred), device=device)
         else:  # the heatmap value at the location (all categories' maximum)
             weight = heat_t.max(dim=1).values[mask]
-        reg_norm = max(self._mean_over_workers(weight.sum().item()), 1.0)
+        reg_norm = max(self._mean_over_workers(weight.sum().item(), device), 1.0)
         loss_reg = (ltrb_giou_loss(pred, target) * weight).sum() / reg_norm if len(pred) else ltrb.sum() * 0.0
         return {"loss_centernet_hm": loss_hm * self.hm_weight, "loss_centernet_reg": loss_reg * self.reg_weight}
 
     @staticmethod
-    def _mean_over_workers(value: float) -> float:
+    def _mean_over_workers(value: float, device) -> float:
+        """The mean of ``value`` over the training processes (the official reduce_sum / world size)."""
         if comm.get_world_size() == 1:
             return value
-        t = torch.tensor([value], device="cuda" if torch.cuda.is_available() else "cpu")
+        t = torch.tensor([value], device=device)
         torch.distributed.all_reduce(t)
         return t.item() / comm.get_world_size()
 
