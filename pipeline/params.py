@@ -1,14 +1,17 @@
 """
 Reading and checking ``params.yaml``, and the ``--set KEY=VALUE`` / ``dvc exp run -S`` overrides.
 
-Every stage checks the whole file before doing any work: an unknown key, or a value outside its
-allowed set, raises :class:`ParamError` with one line such as
-``params.yaml: loss='focal': allowed values: softmax, sigmoid, eql, fedloss``.
+Every stage checks the whole file the same way, through :func:`check`, before doing any work: a
+YAML syntax error, an unknown key, or a value outside its allowed set raises :class:`ParamError`
+with one line naming the file given (``--params``), such as
+``params.yaml: loss='focal': allowed values: softmax, sigmoid, eql, fedloss`` or
+``my.yaml:12:3: YAML syntax error: found character '\\t' that cannot start any token``.
 """
 import copy
-from dataclasses import fields
+import functools
+import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
@@ -22,6 +25,27 @@ DETECTOR_NAMES = ("centernet", "cascadercnn", "centernet2_specific", "centernet2
 LOSS_NAMES = ("softmax", "sigmoid", "eql", "fedloss")
 CLUSTERS = ("local", "slurm", "debug")
 DEVICES = ("auto", "cpu", "cuda")
+# Study and row names become file names (results/studies/<study>.json) and MLflow experiment, run
+# and artifact names: letters, digits, '_', '.', '-', not starting with '.' or '-'.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# detectron2 config keys the pipeline sets from params.yaml (runspec.build_cfg): ``train.opts`` may
+# not set them; the error says what to set instead. A key ending in "." stands for all keys under it.
+OWNED_OPTS = {
+    "OUTPUT_DIR": "the run store (runs/<settings>/seed<k>) holds every run; no parameter moves one run",
+    "DATASETS.": "use data.name and data.annotations instead",
+    "MODEL.WEIGHTS": "use train.weights instead",
+    "SEED": "use seeds instead",
+    "MODEL.DEVICE": "use train.device instead",
+    "MODEL.ROI_BOX_HEAD.CLS_LOSS": "use loss instead",
+    "MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH": "use data.name instead (the prepare stage writes its cat_info.json)",
+    "MODEL.ROI_HEADS.NUM_CLASSES": "use data.name instead (the dataset's categories)",
+    "MODEL.CENTERNET.NUM_CLASSES": "use data.name instead (the dataset's categories)",
+    "SOLVER.MAX_ITER": "use train.max_iter instead",
+    "SOLVER.IMS_PER_BATCH": "use train.ims_per_batch instead",
+    "SOLVER.BASE_LR": "use train.base_lr instead",
+    "SOLVER.CHECKPOINT_PERIOD": "use train.checkpoint_period instead",
+    "DATALOADER.NUM_WORKERS": "use train.num_workers instead",
+}
 
 
 class ParamError(ValueError):
@@ -29,11 +53,20 @@ class ParamError(ValueError):
 
 
 def load(path: Path = PARAMS_FILE) -> Dict[str, Any]:
+    """The parsed file (not checked: see :func:`check`); a YAML syntax error is one line with the
+    file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: file not found")
-    with open(path) as f:
-        params = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ParamError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ParamError(f"{path}: not a YAML file ({str(e).splitlines()[0]})") from None
     if not isinstance(params, dict):
         raise ParamError(f"{path}: top level must be a mapping of keys")
     return params
@@ -61,22 +94,35 @@ def _choice(*allowed) -> Callable:
     return lambda v: None if v in allowed else f"allowed values: {', '.join(map(str, allowed))}"
 
 
-def _int(lo: int = None, nullable: bool = False) -> Callable:
+def _range(lo, hi, lo_open: bool = False) -> str:
+    if hi is None:
+        return "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
+    return f" in {'(' if lo_open else '['}{lo}, {hi}]"
+
+
+def _int(lo: int = None, nullable: bool = False, hi: int = None) -> Callable:
     def check(v):
         if v is None and nullable:
             return None
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-            return f"must be an integer{'' if lo is None else f' >= {lo}'}{' or null' if nullable else ''}"
+        if (isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo)
+                or (hi is not None and v > hi)):
+            return f"must be an integer{_range(lo, hi)}{' or null' if nullable else ''}"
     return check
 
 
-def _number(lo: float = None, nullable: bool = False) -> Callable:
+def _number(lo: float = None, nullable: bool = False, hi: float = None, lo_open: bool = True) -> Callable:
     def check(v):
         if v is None and nullable:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (lo is not None and v <= lo):
-            return f"must be a number{'' if lo is None else f' > {lo}'}{' or null' if nullable else ''}"
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v
+                or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi)):
+            return f"must be a number{_range(lo, hi, lo_open)}{' or null' if nullable else ''}"
     return check
+
+
+def _name(v) -> Optional[str]:
+    if not isinstance(v, str) or not NAME_PATTERN.fullmatch(v):
+        return f"must be a name of letters, digits, '_', '.', '-' (regex {NAME_PATTERN.pattern})"
 
 
 def _str(nullable: bool = True) -> Callable:
@@ -98,14 +144,48 @@ def _switches(v):
 
 
 def _opts(v):
-    if not isinstance(v, list) or len(v) % 2:
+    if not isinstance(v, list) or len(v) % 2 or not all(isinstance(k, str) for k in v[0::2]):
         return "must be a flat list [KEY, VALUE, ...] of detectron2 config overrides"
+    for key in v[0::2]:
+        for owned, instead in OWNED_OPTS.items():
+            if key == owned or (owned.endswith(".") and key.startswith(owned)):
+                return f"{key} is set by the pipeline: {instead}"
+
+
+def _image_size(lo: int, hi: int) -> Callable:
+    def check(v):
+        if (not isinstance(v, (list, tuple)) or len(v) != 2 or _int(lo, hi=hi)(v[0]) or _int(lo, hi=hi)(v[1])
+                or v[0] > v[1]):
+            return f"must be [min, max] side in pixels, integers with {lo} <= min <= max <= {hi}"
+    return check
 
 
 def _synthetic_schema():
-    from pipeline.synthetic import SyntheticSpec
+    """``data.synthetic``: each value's type and bounds (``pipeline.synthetic.LIMITS``)."""
+    from pipeline.synthetic import LIMITS
 
-    return {f.name: (lambda v: None) for f in fields(SyntheticSpec)}  # SyntheticSpec.validate checks values
+    rules = {}
+    for key, (kind, lo, hi) in LIMITS.items():
+        if key == "image_size":
+            rules[key] = _image_size(lo, hi)
+        elif kind is int:
+            rules[key] = _int(lo, hi=hi)
+        else:
+            rules[key] = _number(lo, hi=hi, lo_open=kind == "open")
+    return rules
+
+
+def _studies(v):
+    if not isinstance(v, dict):
+        return "must be a mapping of study name to rows"
+    for study, rows in v.items():
+        if _name(study):
+            return f"study name {study!r}: {_name(study)}"
+        if not isinstance(rows, dict):
+            return f"study {study!r} must be a mapping of row name to settings"
+        for row in rows:
+            if _name(row):
+                return f"row name {study}.{row!r}: {_name(row)}"
 
 
 def schema() -> Dict[str, Any]:
@@ -118,13 +198,14 @@ def schema() -> Dict[str, Any]:
         "seeds": _seeds,
         "switches": _switches,
         "train": {"max_iter": _int(1, True), "ims_per_batch": _int(1, True), "base_lr": _number(0, True),
-                  "checkpoint_period": _int(1, True), "log_period": _int(1), "num_workers": _int(0, True),
+                  "checkpoint_period": _int(1, True), "keep_checkpoints": _int(0), "log_period": _int(1),
+                  "num_workers": _int(0, True),
                   "device": _choice(*DEVICES), "opts": _opts},
         "eval": {"warmup": _int(0), "max_images": _int(1, True)},
         "tracking": {"uri": _str()},
-        "studies": lambda v: None if isinstance(v, dict) else "must be a mapping of study name to rows",
-        "run_studies": lambda v: None if isinstance(v, list) and all(isinstance(x, str) for x in v)
-        else "must be a list of study names",
+        "studies": _studies,
+        "run_studies": lambda v: None if isinstance(v, list) and not any(_name(x) for x in v)
+        else f"must be a list of study names ({NAME_PATTERN.pattern})",
         "launcher": {"cluster": _choice(*CLUSTERS), "profile": _str(), "timeout_min": _int(1),
                      "parallel": _int(1)},
     }
@@ -143,10 +224,70 @@ def validate(params: Dict[str, Any], source: str = "params.yaml") -> None:
                 walk(value, rule, f"{prefix}{key}.")
             else:
                 problem = rule(value)
-                if problem:
-                    raise ParamError(f"{source}: {prefix}{key}={value!r}: {problem}")
+                if problem:  # a mapping (studies) is not repeated in the message: its problem names the part
+                    shown = "" if isinstance(value, dict) else f"={value!r}"
+                    raise ParamError(f"{source}: {prefix}{key}{shown}: {problem}")
 
     walk(params, schema(), "")
+    _check_opts_keys(params, source)
+
+
+@functools.lru_cache(maxsize=16)
+def _base_config(detector: str, scale: str, switches: Tuple[str, ...]):
+    """The detector's config at a scale with the switches, as training builds it (without the dataset)."""
+    from model import get_model_cfg
+
+    return get_model_cfg(detector, scale, switches=switches)
+
+
+def _check_opts_keys(params: Dict[str, Any], source: str) -> None:
+    """``train.opts`` merged into the detectron2 config it will be merged into: an unknown key or a
+    value of the wrong type is refused here, before any job starts."""
+    opts = get(params, "train.opts") or []
+    if not opts:
+        return
+    detector, scale = params.get("detector", "centernet2_agnostic"), params.get("scale", "synthetic")
+    switches = tuple(params.get("switches") or ())
+    try:
+        cfg = _base_config(detector, scale, switches).clone()
+    except ValueError as e:  # switches in an impossible order
+        raise ParamError(f"{source}: switches={list(switches)}: {e}") from None
+    cfg.defrost()
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        detail = e.args[0] if e.args else type(e).__name__
+        raise ParamError(f"{source}: train.opts={opts!r}: {detail} (detector {detector}, scale {scale})") from None
+
+
+def check(params: Dict[str, Any], source: Path = "params.yaml") -> None:
+    """
+    The check every stage runs on the whole file before any work: every key and value (including
+    ``train.opts`` against the detectron2 config), every study row merged into the top level,
+    ``run_studies`` naming studies, and the Slurm profile when ``launcher.cluster`` is slurm.
+    Messages name ``source`` (the file given by ``--params``).
+    """
+    from pipeline.runspec import study_rows
+
+    try:
+        validate(params)
+        studies = params.get("studies") or {}
+        for study in studies:
+            study_rows(params, study)
+        for study in params.get("run_studies") or []:
+            if study not in studies:
+                raise ParamError(f"params.yaml: run_studies: {study!r} is not a study; allowed: "
+                                 f"{', '.join(studies)}")
+        if get(params, "launcher.cluster", "local") == "slurm":
+            from pipeline.launch import load_profile
+
+            load_profile(get(params, "launcher.profile"))
+    except ParamError as e:
+        message = str(e)
+        # The checks above (and runspec's, launch's) write "params.yaml"; name the file actually given.
+        if str(source) != "params.yaml" and message.startswith("params.yaml"):
+            message = f"{source}{message[len('params.yaml'):]}"
+        raise ParamError(message) from None
 
 
 def _parse_value(text: str) -> Any:

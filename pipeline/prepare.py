@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -26,27 +26,19 @@ from pipeline import params as P
 from pipeline.synthetic import SyntheticSpec, frequency_bucket
 from pipeline.validate import DataError, validate_instances
 
-DATA_KEYS = ("name", "root", "annotations", "synthetic")
 FIGURES_DIR = Path("reports/figures")
 
 
 def data_settings(params: Dict[str, Any]) -> Dict[str, Any]:
-    """The checked ``data:`` section: name, root (Path or None) and the SyntheticSpec."""
+    """The ``data:`` section of checked params (:func:`pipeline.params.check`): name, root (Path or
+    None) and the SyntheticSpec."""
     data = params.get("data") or {}
-    P.check_keys(data, DATA_KEYS, "data.")
-    name = data.get("name", "synthetic")
-    P.check_choice(name, P.DATASETS, "data.name")
-    synthetic = data.get("synthetic") or {}
-    P.check_keys(synthetic, [f.name for f in fields(SyntheticSpec)], "data.synthetic.")
+    synthetic = dict(data.get("synthetic") or {})
     if "image_size" in synthetic:
-        synthetic = {**synthetic, "image_size": tuple(synthetic["image_size"])}
-    spec = SyntheticSpec(**synthetic)
-    try:
-        spec.validate()
-    except ValueError as e:
-        raise P.ParamError(f"params.yaml: {e}") from None
+        synthetic["image_size"] = tuple(synthetic["image_size"])
     root = data.get("root")
-    return {"name": name, "root": Path(root) if root else None, "spec": spec}
+    return {"name": data.get("name", "synthetic"), "root": Path(root) if root else None,
+            "spec": SyntheticSpec(**synthetic)}
 
 
 def output_dir(name: str) -> Path:
@@ -157,19 +149,50 @@ def prepare(name: str, root: Optional[Path], spec: SyntheticSpec, out: Path,
 
 
 def _image_size(text: str):
-    parts = [int(p) for p in text.split(",")]
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected integers S or MIN,MAX") from None
     if len(parts) == 1:
-        return (parts[0], parts[0])
+        return [parts[0], parts[0]]
     if len(parts) == 2:
-        return tuple(parts)
+        return parts
     raise argparse.ArgumentTypeError("expected S or MIN,MAX")
+
+
+SYNTHETIC_FLAGS = ("num_train", "num_val", "num_classes", "image_size", "seed")
+
+
+def with_flags(params: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """``params`` with the command line's data flags applied, each checked as its params key is."""
+    synthetic_rules = P.schema()["data"]["synthetic"]
+    data = dict(params.get("data") or {})
+    synthetic = dict(data.get("synthetic") or {})
+    for flag in SYNTHETIC_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            problem = synthetic_rules[flag](value)
+            if problem:
+                raise P.ParamError(f"--{flag.replace('_', '-')} {value}: {problem}")
+            synthetic[flag] = value
+    if args.synthetic:
+        data["name"] = "synthetic"
+    if args.name:
+        data["name"] = args.name
+    if args.root:
+        data["root"] = str(args.root)
+    if synthetic:
+        data["synthetic"] = synthetic
+    params = {**params, "data": data}
+    P.validate(params, source="the command line")
+    return params
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[1])
     parser.add_argument("--params", type=Path, default=P.PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("--synthetic", action="store_true", help="the built-in synthetic dataset (data.name=synthetic)")
-    parser.add_argument("--name", help="data.name: synthetic | lvis_v1 | coco_2017")
+    parser.add_argument("--name", choices=P.DATASETS, help="data.name")
     parser.add_argument("--root", type=Path, help="data.root: detectron2 dataset root for lvis_v1/coco_2017")
     parser.add_argument("--out", type=Path, help="output directory (default: data/<name>)")
     parser.add_argument("--num-train", type=int, help="data.synthetic.num_train")
@@ -182,19 +205,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         params = P.load(args.params)
-        data = dict(params.get("data") or {})
-        if args.synthetic:
-            data["name"] = "synthetic"
-        if args.name:
-            data["name"] = args.name
-        if args.root:
-            data["root"] = str(args.root)
-        synthetic = dict(data.get("synthetic") or {})
-        for flag in ("num_train", "num_val", "num_classes", "image_size", "seed"):
-            if getattr(args, flag) is not None:
-                synthetic[flag] = getattr(args, flag)
-        data["synthetic"] = synthetic
-        settings = data_settings({**params, "data": data})
+        P.check(params, args.params)  # the whole file, as every stage checks it
+        settings = data_settings(with_flags(params, args))
         out = args.out or output_dir(settings["name"])
         record = prepare(settings["name"], settings["root"], settings["spec"], out,
                          None if args.no_figures else args.figures)

@@ -24,7 +24,7 @@ from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.evaluate import METRICS_FILE
 from pipeline.launch import main_guard, run_all
-from pipeline.runspec import RunSpec, resolve, study_rows, study_specs
+from pipeline.runspec import RunSpec, resolve, study_specs
 from pipeline.tracking import RUN_ID_FILE, Tracker, repo_root
 from pipeline.train import DONE_FILE, twin_dir
 
@@ -42,19 +42,10 @@ def run_dir(spec: RunSpec) -> Path:
     return run_store() / spec.key() / f"seed{spec.seed}"
 
 
-def check_all(params: Dict[str, Any]) -> None:
-    """Every key of params.yaml, every study row, and the launcher profile, before any work."""
-    P.validate(params)
-    for study in params.get("studies") or {}:
-        study_rows(params, study)
-    for study in params.get("run_studies") or []:
-        if study not in (params.get("studies") or {}):
-            raise P.ParamError(f"params.yaml: run_studies: {study!r} is not a study; allowed: "
-                               f"{', '.join(params.get('studies') or {})}")
-    if P.get(params, "launcher.cluster", "local") == "slurm":
-        from pipeline.launch import load_profile
-
-        load_profile(P.get(params, "launcher.profile"))
+def check_all(params: Dict[str, Any], source: Path = "params.yaml") -> None:
+    """Every key of params.yaml, every study row, and the launcher profile, before any work
+    (:func:`pipeline.params.check`, as every stage does); messages name ``source``."""
+    P.check(params, source)
 
 
 def _mean_std(values: List[float]) -> Dict[str, Any]:
@@ -203,7 +194,7 @@ def params_main(argv, prog: str, doc: str, work: Callable[[Dict[str, Any]], str]
 
     def go():
         params = P.load(args.params)
-        check_all(params)
+        check_all(params, args.params)
         print(work(params))
 
     main_guard(go)
@@ -219,7 +210,7 @@ def main(argv=None) -> None:
 
     def go():
         params = P.load(args.params)
-        check_all(params)
+        check_all(params, args.params)
         out = stage_main(params) if args.what == "main" else stage_study(params, args.study)
         print(f"wrote {out}")
 

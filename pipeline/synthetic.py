@@ -63,24 +63,43 @@ class SyntheticSpec:
     max_instances: int = 3
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and what it allows."""
-        checks = [
-            ("num_train", self.num_train >= 20, "an integer >= 20"),
-            ("num_val", self.num_val >= 1, "an integer >= 1"),
-            ("num_classes", 3 <= self.num_classes <= len(SHAPES) * len(COLOURS) * len(PATTERNS),
-             f"an integer in [3, {len(SHAPES) * len(COLOURS) * len(PATTERNS)}]"),
-            ("image_size", len(self.image_size) == 2 and 64 <= self.image_size[0] <= self.image_size[1],
-             "[min, max] side in pixels with 64 <= min <= max"),
-            ("head_fraction", 0 < self.head_fraction <= 1, "a number in (0, 1]"),
-            ("tail_exponent", self.tail_exponent >= 0, "a number >= 0"),
-            ("p_unlabeled", 0 <= self.p_unlabeled <= 1, "a probability in [0, 1]"),
-            ("p_not_exhaustive", 0 <= self.p_not_exhaustive <= 1, "a probability in [0, 1]"),
-            ("max_neg", self.max_neg >= 0, "an integer >= 0"),
-            ("max_instances", self.max_instances >= 2, "an integer >= 2"),
-        ]
-        for name, ok, allowed in checks:
+        """Raise ValueError naming the first field outside ``LIMITS`` and what it allows."""
+        for name, (kind, lo, hi) in LIMITS.items():
+            value = getattr(self, name)
+            if name == "image_size":
+                ok = (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)
+                      and lo <= value[0] <= value[1] <= hi)
+                allowed = f"[min, max] side in pixels, integers with {lo} <= min <= max <= {hi}"
+            elif kind is int:
+                ok = _is_int(value) and lo <= value <= hi
+                allowed = f"an integer in [{lo}, {hi}]"
+            else:
+                ok = (_is_int(value) or isinstance(value, float)) and value == value and value <= hi and (
+                    value > lo if kind == "open" else value >= lo)
+                allowed = f"a number in {'(' if kind == 'open' else '['}{lo}, {hi}]"
             if not ok:
-                raise ValueError(f"data.synthetic.{name}={getattr(self, name)!r}: must be {allowed}")
+                raise ValueError(f"data.synthetic.{name}={value!r}: must be {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Each setting's type and bounds: (int | float | "open" (a float above lo), lo, hi). The caps keep a
+# typo from filling the disk (120k images of at most 512 px: about 6 GB of PNG) or memory.
+LIMITS = {
+    "num_train": (int, 20, 120_000),
+    "num_val": (int, 1, 20_000),
+    "num_classes": (int, 3, len(SHAPES) * len(COLOURS) * len(PATTERNS)),
+    "image_size": (int, 64, 512),
+    "seed": (int, 0, 2**32 - 1),
+    "head_fraction": ("open", 0, 1),
+    "tail_exponent": (float, 0, 10),
+    "p_unlabeled": (float, 0, 1),
+    "p_not_exhaustive": (float, 0, 1),
+    "max_neg": (int, 0, 100),
+    "max_instances": (int, 2, 20),
+}
 
 
 def frequency_bucket(image_count: int) -> str:

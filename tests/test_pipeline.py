@@ -73,7 +73,7 @@ def test_unknown_key_and_bad_value_fail_clearly(repo):
     bad = sh(r, sys.executable, "-m", "pipeline.stage", "main", "--params", "bad.yaml", check=False)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
-        "error: params.yaml: loss='focal': allowed values: softmax, sigmoid, eql, fedloss")
+        "error: bad.yaml: loss='focal': allowed values: softmax, sigmoid, eql, fedloss")  # the file given
     (r / "bad.yaml").unlink()
 
 
