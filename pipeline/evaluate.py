@@ -5,7 +5,8 @@ Runs the final checkpoint over the validation split with detectron2's ``LVISEval
 ``lvis`` API: AP, AP50, AP75, APs/m/l, APr/c/f; box, and mask when the model has a mask head) or
 ``COCOEvaluator`` (pycocotools) for COCO-labelled data, and times inference per image (batch 1,
 warm-up images excluded, median over the split; device and threads recorded: Table 1's runtime).
-Writes ``DIR/metrics.json`` (APs in percent, as detectron2 reports them; ``null`` where the split
+Writes ``DIR/eval/<evaluation key>/metrics.json`` (one directory per evaluation setting: image subset,
+warm-up, TTA — :meth:`RunSpec.eval_key`; APs in percent, as detectron2 reports them; ``null`` where the split
 has no category of a bucket; the ids of the images evaluated) and logs the same to the run's MLflow run.
 
 ``max_images: N`` evaluates the first N images of the split (detectron2's loading order) as a
@@ -21,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -34,6 +36,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
+from model.switches import apply_switches
 from pipeline import datasets
 from pipeline.atomic import write_text
 from pipeline.runspec import RunSpec
@@ -42,15 +45,18 @@ from pipeline.train import DONE_FILE, dataset_checksum
 
 logger = logging.getLogger("pipeline.evaluate")
 METRICS_FILE = "metrics.json"
+PROGRESS_FILE = "progress.json"
 
 
 class TimedModel(nn.Module):
-    """Wraps a model to record the wall time of every forward call (CUDA-synchronised)."""
+    """Wraps a model to record the wall time of every forward call (CUDA-synchronised), and the
+    images done so far in ``progress`` (``{"evaluating": i, "of": N}``: what a waiting stage shows)."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, progress: Optional[Path] = None, total: int = 0):
         super().__init__()
         self.inner = inner
         self.times_ms = []
+        self.progress, self.total = progress, total
 
     def forward(self, inputs):
         cuda = any(p.is_cuda for p in self.inner.parameters())
@@ -61,6 +67,8 @@ class TimedModel(nn.Module):
         if cuda:
             torch.cuda.synchronize()
         self.times_ms.append((time.perf_counter() - start) * 1000)
+        if self.progress is not None:
+            write_text(self.progress, json.dumps({"evaluating": len(self.times_ms), "of": self.total}))
         return out
 
 
@@ -104,24 +112,41 @@ def subset(split: datasets.Split, max_images: Optional[int], out_dir: Path) -> T
     return name, ids
 
 
-def evaluate(run_dir: Path, warmup: int = 5, max_images: Optional[int] = None,
-             model: Optional[nn.Module] = None) -> dict:
+def eval_dir(run_dir: Path, spec: RunSpec) -> Path:
+    """Where the evaluation of ``run_dir``'s weights with ``spec``'s evaluation settings lives."""
+    return Path(run_dir) / "eval" / spec.eval_key()
+
+
+def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.Module] = None) -> dict:
     """
-    Evaluate the run in ``run_dir`` on the first ``max_images`` validation images (None: all).
-    ``model`` stands in for the run's final checkpoint when given (a module mapping detectron2's
-    inference inputs to ``{"instances": Instances}``: known predictions, in tests).
+    Evaluate the weights trained in ``run_dir`` with the evaluation settings of ``spec`` (default:
+    the run's own, ``run.json``): ``eval.max_images`` first validation images (null: all), timing
+    after ``eval.warmup`` images, evaluation-only switches (TTA) applied to the trained config.
+    Writes ``metrics.json`` and the evaluator's files to :func:`eval_dir`. ``model`` stands in for
+    the final checkpoint when given (a module mapping detectron2's inference inputs to
+    ``{"instances": Instances}``: known predictions, in tests).
     """
     run_dir = Path(run_dir)
     if not (run_dir / DONE_FILE).is_file():
         raise FileNotFoundError(f"{run_dir}: no finished training ({DONE_FILE}); run pipeline.train first")
-    spec = RunSpec.from_json((run_dir / "run.json").read_text())
-    setup_logger(str(run_dir / "log.txt"))
+    trained = RunSpec.from_json((run_dir / "run.json").read_text())
+    spec = spec or trained
+    if spec.identity() != trained.identity():
+        raise ValueError(f"{run_dir}: trained with other settings than the evaluation asks for (see run.json)")
+    out_dir = eval_dir(run_dir, spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logger(str(out_dir / "log.txt"))
     splits = datasets.register(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
                                else Path(spec.data.get("root") or datasets.default_root()))
-    cfg = CfgNode.load_cfg((run_dir / "config.yaml").read_text())
+    cfg = CfgNode.load_cfg((run_dir / "config.yaml").read_text())  # as trained, plus the evaluation's switches
+    cfg.defrost()
+    apply_switches(cfg, spec.eval_switches)
+    cfg.freeze()
+    write_text(out_dir / "config.yaml", cfg.dump())
+    write_text(out_dir / "eval.json", json.dumps({**spec.eval_identity(), "row": spec.row, "study": spec.study},
+                                                 indent=2, sort_keys=True) + "\n")
     split = next(s for flavour in splits.values() for s in flavour if s.name == cfg.DATASETS.TEST[0])
-    out_dir = run_dir / "eval"
-    dataset, image_ids = subset(split, max_images, out_dir)
+    dataset, image_ids = subset(split, spec.eval.get("max_images"), out_dir)
     iteration = None
     if model is None:
         model = build_model(cfg)
@@ -132,7 +157,7 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: Optional[int] = None,
             from detectron2.modeling import GeneralizedRCNNWithTTA
 
             model = GeneralizedRCNNWithTTA(cfg, model)
-    timed = TimedModel(model)
+    timed = TimedModel(model, out_dir / PROGRESS_FILE, len(image_ids))
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     if split.kind == "lvis":
         evaluator = LVISEvaluator(dataset, tasks=tasks, distributed=False, output_dir=str(out_dir))
@@ -145,6 +170,7 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: Optional[int] = None,
     for task in tasks:  # a model with no detections at all has AP 0, not NaN
         if task in results and all(v is None for v in metrics[task].values()):
             metrics[task] = {k: 0.0 for k in metrics[task]}
+    warmup = spec.eval.get("warmup", 5)
     timed_ms = timed.times_ms[warmup:] or timed.times_ms
     record = {
         **metrics,
@@ -152,32 +178,42 @@ def evaluate(run_dir: Path, warmup: int = 5, max_images: Optional[int] = None,
         "dataset": {"name": spec.data_name, "annotations": spec.annotations, "split": split.name,
                     "evaluated_as": dataset, "checksum": dataset_checksum(spec)},
         "images": {"count": len(image_ids), "ids": image_ids},
+        "eval": {**spec.eval_identity(), "key": spec.eval_key()},
         "runtime": {"ms_per_image": round(statistics.median(timed_ms), 2), "images": len(timed_ms),
                     "warmup": min(warmup, len(timed.times_ms)), "batch": 1, "device": cfg.MODEL.DEVICE,
                     "device_name": torch.cuda.get_device_name(0) if cfg.MODEL.DEVICE == "cuda" else "cpu",
                     "threads": torch.get_num_threads()},
         "detector": spec.detector, "loss": spec.loss, "seed": spec.seed, "scale": spec.scale,
     }
-    write_text(run_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
+    write_text(out_dir / METRICS_FILE, json.dumps(record, indent=2) + "\n")
     if (run_dir / RUN_ID_FILE).is_file():
+        # The run's MLflow run holds each of its evaluations: TTA's under "tta/", the artifacts
+        # under eval/<key>/.
         tracker = Tracker(spec.tracking_uri)
         tracker.run_id = (run_dir / RUN_ID_FILE).read_text().strip()
-        flat = {f"{task}/{k}": v for task in tasks for k, v in metrics[task].items()}
-        flat["runtime_ms_per_image"] = record["runtime"]["ms_per_image"]
-        flat["eval_images"] = len(image_ids)
+        prefix = "".join(f"{s}/" for s in spec.eval_switches)
+        flat = {f"{prefix}{task}/{k}": v for task in tasks for k, v in metrics[task].items()}
+        flat[f"{prefix}runtime_ms_per_image"] = record["runtime"]["ms_per_image"]
+        flat[f"{prefix}eval_images"] = len(image_ids)
         tracker.log_final(flat, cfg.SOLVER.MAX_ITER - 1 if iteration is None else iteration,
-                          [run_dir / METRICS_FILE])
+                          [out_dir / METRICS_FILE, out_dir / "config.yaml"], artifact_path=f"eval/{spec.eval_key()}")
     return record
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--warmup", type=int, default=5, help="untimed first images (default: %(default)s)")
-    parser.add_argument("--max-images", type=int, help="evaluate only the first N validation images")
+    parser.add_argument("--warmup", type=int, help="untimed first images (default: the run's eval.warmup)")
+    parser.add_argument("--max-images", type=int, help="evaluate only the first N validation images "
+                        "(default: the run's eval.max_images)")
     args = parser.parse_args(argv)
     try:
-        record = evaluate(args.run_dir, args.warmup, args.max_images)
+        if not (args.run_dir / "run.json").is_file():
+            raise FileNotFoundError(f"{args.run_dir}: no run.json; not a run directory")
+        spec = RunSpec.from_json((args.run_dir / "run.json").read_text())
+        given = {"warmup": args.warmup, "max_images": args.max_images}
+        spec = replace(spec, eval={**spec.eval, **{k: v for k, v in given.items() if v is not None}})
+        record = evaluate(args.run_dir, spec)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -7,10 +7,11 @@ Hand a stage's runs to submitit and wait for them.
   ``launcher.parallel`` as array parallelism (``slurm/*.yaml``);
 - ``debug``: in this process, one after the other (breakpoints work).
 
-A run job trains (resuming whatever checkpoint its directory holds) and evaluates; a finished run is
-not redone. A failed job fails the stage with the job's id and the tail of its stderr; Ctrl-C cancels
-every submitted job; a Slurm job preempted or timed out is requeued by submitit
-(``Checkpointable``) and resumes from its last checkpoint. Jobs of several GPUs use detectron2's
+A run job trains (resuming whatever checkpoint its directory holds) and evaluates the weights once per
+evaluation setting its stage asks for; finished training and evaluations are not redone. A failed
+job fails the stage with the job's id and the tail of its stderr; Ctrl-C cancels every submitted job;
+a Slurm job preempted or timed out is requeued by submitit (``Checkpointable``) and resumes from its
+last checkpoint. Jobs of several GPUs use detectron2's
 ``launch``.
 """
 import logging
@@ -49,12 +50,13 @@ class StageFailed(RuntimeError):
 
 class RunJob(submitit.helpers.Checkpointable):
     """
-    Train and evaluate one run in its directory. On preemption or timeout submitit calls
-    :meth:`checkpoint` (inherited), which resubmits this same call: training resumes from the run
-    directory's last checkpoint, so nothing more needs saving.
+    Train one run and evaluate its weights once per evaluation setting asked for. On preemption or
+    timeout submitit calls :meth:`checkpoint` (inherited), which resubmits this same call: training
+    resumes from the run directory's last checkpoint, finished evaluations are not redone.
     """
 
-    def __call__(self, run_dir: str, spec_json: str, cwd: str, threads: int = 0, gpus: int = 0) -> Dict[str, Any]:
+    def __call__(self, run_dir: str, specs_json: List[str], cwd: str, threads: int = 0,
+                 gpus: int = 0) -> List[Dict[str, Any]]:
         import torch
 
         os.chdir(cwd)  # data paths in a run's settings are relative to the stage's directory
@@ -62,19 +64,21 @@ class RunJob(submitit.helpers.Checkpointable):
             torch.set_num_threads(threads)
         from pipeline import evaluate, train
 
-        spec = RunSpec.from_json(spec_json)
-        metrics_file = Path(run_dir) / evaluate.METRICS_FILE
+        specs = [RunSpec.from_json(s) for s in specs_json]
         if not (Path(run_dir) / train.DONE_FILE).is_file():
             if gpus > 1:
                 from detectron2.engine import launch
 
-                launch(_train_worker, gpus, dist_url="auto", args=(run_dir, spec_json))
+                launch(_train_worker, gpus, dist_url="auto", args=(run_dir, specs_json[0]))
             else:
-                train.run(Path(run_dir), spec)
-        if not metrics_file.is_file():
-            evaluate.evaluate(Path(run_dir), warmup=spec.eval.get("warmup", 5),
-                              max_images=spec.eval.get("max_images"))
-        return yaml.safe_load(metrics_file.read_text())
+                train.run(Path(run_dir), specs[0])
+        out = []
+        for spec in specs:
+            metrics_file = evaluate.eval_dir(run_dir, spec) / evaluate.METRICS_FILE
+            if not metrics_file.is_file():
+                evaluate.evaluate(Path(run_dir), spec)
+            out.append(yaml.safe_load(metrics_file.read_text()))
+        return out
 
 
 def _train_worker(run_dir: str, spec_json: str) -> None:
@@ -121,15 +125,16 @@ def _executor(launcher: Dict[str, Any], folder: Path, name: str):
     return executor, gpus, threads
 
 
-def run_all(requests: Sequence[Tuple[Path, RunSpec]], launcher: Dict[str, Any], folder: Path,
-            name: str = "cn2") -> List[Dict[str, Any]]:
-    """Run every (run_dir, spec) and return their metrics, in order. Blocks until all finish."""
+def run_all(requests: Sequence[Tuple[Path, List[RunSpec]]], launcher: Dict[str, Any], folder: Path,
+            name: str = "cn2") -> List[List[Dict[str, Any]]]:
+    """One job per (run_dir, specs): train the run, evaluate it with each spec's evaluation settings;
+    returns, in order, each job's list of metrics. Blocks until all finish."""
     if not requests:
         return []
     executor, gpus, threads = _executor(launcher, folder, name)
     n = len(requests)
-    args = ([str(d) for d, _ in requests], [s.to_json() for _, s in requests], [os.getcwd()] * n,
-            [threads] * n, [gpus] * n)
+    args = ([str(d) for d, _ in requests], [[s.to_json() for s in specs] for _, specs in requests],
+            [os.getcwd()] * n, [threads] * n, [gpus] * n)
     cluster = launcher.get("cluster", "local")
     jobs: List[Any] = []
     try:

@@ -56,30 +56,43 @@ class RunSpec:
             return Path(self.data["root"])
         return Path("data") / self.data_name
 
+    @property
+    def eval_switches(self) -> List[str]:
+        """The switches that change how the weights are tested, not the weights
+        (``model.switches.EVAL_ONLY``: TTA)."""
+        from model.switches import EVAL_ONLY
+
+        return [s for s in self.switches if s in EVAL_ONLY]
+
+    def training(self) -> "RunSpec":
+        """This run as trained: without its evaluation-only switches."""
+        return RunSpec(**{**asdict(self), "switches": [s for s in self.switches if s not in self.eval_switches]})
+
     def identity(self) -> Dict[str, Any]:
-        """What determines the run's results: everything but its names, seed aside, and the
-        settings that change no number (logging period, data-loading workers)."""
+        """What determines the trained weights: everything but the names, the evaluation settings
+        (``eval``, evaluation-only switches) and the settings that change no number (logging period,
+        data-loading workers, checkpoints kept)."""
         train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers", "keep_checkpoints")}
         return {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
-                "data": self.data, "train": train, "eval": self.eval, "opts": self.opts,
-                "switches": self.switches}
+                "data": self.data, "train": train, "opts": self.opts, "switches": self.training().switches}
 
     def key(self) -> str:
-        """The run store's directory name of this run's settings (seeds share it)."""
+        """The run store's directory name of this run's training settings (seeds share it)."""
         ident = {k: v for k, v in self.identity().items() if k != "seed"}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.detector}-{self.loss}-{self.data_name}-{self.annotations}-{self.scale}-{digest}"
 
-    def training_twin(self) -> Optional["RunSpec"]:
-        """This run without its evaluation-only switches (``model.switches.EVAL_ONLY``): the run whose
-        trained weights it evaluates. None when it has none (it trains itself)."""
-        from model.switches import EVAL_ONLY
+    def eval_identity(self) -> Dict[str, Any]:
+        """What determines an evaluation of the trained weights: the image subset and timing warm-up
+        (``eval``) and the evaluation-only switches; the split is the validation split of ``data``."""
+        return {"eval": self.eval, "switches": self.eval_switches}
 
-        dropped = [s for s in self.switches if s in EVAL_ONLY]
-        if not dropped:
-            return None
-        return RunSpec(**{**asdict(self), "switches": [s for s in self.switches if s not in EVAL_ONLY],
-                          "row": f"{self.row or self.ablation} without {'+'.join(dropped)}"})
+    def eval_key(self) -> str:
+        """The directory name, inside the run's ``eval/``, of this evaluation: ``val-first100-<hash>``,
+        ``val-all-tta-<hash>``."""
+        digest = hashlib.sha256(json.dumps(self.eval_identity(), sort_keys=True).encode()).hexdigest()[:10]
+        n = self.eval.get("max_images")
+        return "-".join(["val", f"first{n}" if n else "all", *self.eval_switches, digest])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

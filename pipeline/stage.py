@@ -4,12 +4,14 @@ The training stages of ``dvc.yaml``:
     python -m pipeline.stage main          # the main experiment: detector x loss, every seed
     python -m pipeline.stage study NAME    # every row of studies.NAME, every seed of each row
 
-Each run lives in the run store ``runs/<settings key>/seed<k>/`` at the repository root (DVC's
-``--temp``/queued experiment copies use the same store). Identical runs — same settings and seed,
-wherever they are asked for — are trained once; an interrupted stage resumes its runs from their
-checkpoints. A run with an evaluation-only switch (``tta``) trains nothing: its training twin (the
-same settings without it) is trained first, in a first batch of jobs, and the run evaluates those
-weights in a second. The stage writes ``results/main.json`` (mean ± std over seeds: the DVC metrics that
+Each run lives in the run store ``runs/<training key>/seed<k>/`` at the repository root (DVC's
+``--temp``/queued experiment copies use the same store), each of its evaluations in
+``eval/<evaluation key>/`` inside it: the training key covers what changes the weights, the
+evaluation key the image subset, timing warm-up and TTA (:meth:`RunSpec.eval_key`). Identical runs —
+same training settings and seed, wherever they are asked for — are trained once; a changed
+evaluation setting re-evaluates without training; Table 3's "+ test-aug" row is a second evaluation of
+the "+ larger input" weights. An interrupted stage resumes its runs from their checkpoints. The stage
+writes ``results/main.json`` (mean ± std over seeds: the DVC metrics that
 ``dvc exp show`` lists) with ``results/main_runs.json``, or ``results/studies/NAME.json``: the
 metrics of exactly the runs the current params imply, with their run directories and MLflow ids.
 """
@@ -22,11 +24,10 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from pipeline import params as P
 from pipeline.atomic import write_text
-from pipeline.evaluate import METRICS_FILE
+from pipeline.evaluate import METRICS_FILE, eval_dir
 from pipeline.launch import main_guard, run_all
 from pipeline.runspec import RunSpec, resolve, study_specs
 from pipeline.tracking import RUN_ID_FILE, Tracker, repo_root
-from pipeline.train import DONE_FILE, twin_dir
 
 logger = logging.getLogger("pipeline.stage")
 RESULTS = Path("results")
@@ -65,6 +66,7 @@ def _summarise(rows: Dict[str, List[Tuple[RunSpec, Dict[str, Any]]]]) -> Dict[st
             seeds[f"seed{spec.seed}"] = {
                 "bbox": metrics.get("bbox", {}), "segm": metrics.get("segm"),
                 "runtime_ms": metrics["runtime"]["ms_per_image"], "run_dir": str(d),
+                "eval_dir": str(eval_dir(d, spec)), "images": (metrics.get("images") or {}).get("count"),
                 "mlflow_run_id": (d / RUN_ID_FILE).read_text().strip() if (d / RUN_ID_FILE).is_file() else None,
             }
         summary = {"detector": runs[0][0].detector, "loss": runs[0][0].loss,
@@ -111,28 +113,30 @@ def _execute(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: st
 
 
 def _run_rows(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: str) -> Dict[str, Any]:
-    unique: Dict[Path, RunSpec] = {}
+    # Per training run, the evaluations asked of it (rows differing only in evaluation settings share
+    # the run): one job trains it once and runs its missing evaluations; finished ones are read.
+    evals: Dict[Path, Dict[str, RunSpec]] = {}
     for specs in groups.values():
         for spec in specs:
-            unique.setdefault(run_dir(spec), spec)
-    # Finished runs (evaluated) are read, not resubmitted.
-    metrics = {d: json.loads((d / METRICS_FILE).read_text()) for d in unique if (d / METRICS_FILE).is_file()}
-    todo = [(d, s) for d, s in unique.items() if d not in metrics]
-    # A run with evaluation-only switches (TTA) evaluates its training twin's weights: the twins
-    # train first (added when no row asks for them), then those runs only evaluate.
-    twins = {d: twin_dir(d, s) for d, s in todo}
-    first = {d: s for d, s in todo if twins[d] is None}
-    for d, s in todo:  # after the rows' own runs, so a twin that is also a row keeps its row's name
-        if twins[d] is not None and not (twins[d] / DONE_FILE).is_file():
-            first.setdefault(twins[d], s.training_twin())
-    waves = [list(first.items()), [(d, s) for d, s in todo if twins[d] is not None]]
+            evals.setdefault(run_dir(spec), {}).setdefault(spec.eval_key(), spec)
+    metrics: Dict[Path, Dict[str, Any]] = {}
+    todo: List[Tuple[Path, List[RunSpec]]] = []
+    for d, by_key in evals.items():
+        missing = []
+        for spec in by_key.values():
+            done = eval_dir(d, spec) / METRICS_FILE
+            if done.is_file():
+                metrics[done.parent] = json.loads(done.read_text())
+            else:
+                missing.append(spec)
+        if missing:
+            todo.append((d, missing))
     launcher = params.get("launcher") or {}
     logs = repo_root() / "slurm-logs" if launcher.get("cluster") == "slurm" else run_store() / "_jobs"
-    for wave in waves:
-        if wave:
-            metrics.update(zip([d for d, _ in wave], run_all(wave, launcher, logs, name=f"cn2-{study}")))
+    for (d, specs), results in zip(todo, run_all(todo, launcher, logs, name=f"cn2-{study}")):
+        metrics.update((eval_dir(d, spec), m) for spec, m in zip(specs, results))
     _tag_usage(groups, params, study)
-    return _summarise({row: [(s, metrics[run_dir(s)]) for s in specs] for row, specs in groups.items()})
+    return _summarise({row: [(s, metrics[eval_dir(run_dir(s), s)]) for s in specs] for row, specs in groups.items()})
 
 
 def _tag_usage(groups: Dict[str, List[RunSpec]], params: Dict[str, Any], study: str) -> None:

@@ -175,7 +175,8 @@ class Tracker:
             for i in range(0, len(items), 1000):
                 self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
-    def log_final(self, metrics: Dict[str, float], step: int, artifacts: Iterable[Path] = ()) -> None:
+    def log_final(self, metrics: Dict[str, float], step: int, artifacts: Iterable[Path] = (),
+                  artifact_path: Optional[str] = None) -> None:
         import time
 
         from mlflow.entities import Metric
@@ -186,7 +187,7 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=items)
             for path in artifacts:
                 if Path(path).is_file():
-                    self.client.log_artifact(self.run_id, str(path))
+                    self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         with self._locked():

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 import weakref
@@ -43,7 +42,7 @@ from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.loader import LazyLoader, build_train_loader
 from pipeline.runspec import RunSpec, build_cfg, resolve
-from pipeline.tracking import RUN_ID_FILE, Tracker, git_commit
+from pipeline.tracking import Tracker, git_commit
 
 DONE_FILE = "train_done.json"
 METRICS_LOG = "train_metrics.jsonl"
@@ -288,60 +287,14 @@ def start_tracking(run_dir: Path, spec: RunSpec, cfg, tags: Optional[dict] = Non
     return tracker
 
 
-def twin_dir(run_dir: Path, spec: RunSpec) -> Optional[Path]:
-    """Where the run store (``<store>/<key>/seed<k>``) keeps ``spec``'s training twin, if it has one."""
-    twin = spec.training_twin()
-    return None if twin is None else Path(run_dir).parent.parent / twin.key() / Path(run_dir).name
-
-
-def _link(src: Path, dst: Path) -> None:
-    """``dst`` becomes ``src``'s content: a hard link where the file system allows, else a copy."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def adopt(run_dir: Path, spec: RunSpec, trained: Path, track: bool = True) -> Path:
-    """
-    Finish ``run_dir`` with the weights of ``trained``, the finished run of the same settings
-    without ``spec``'s evaluation-only switches: its final checkpoint and training log are linked in,
-    while ``config.yaml`` is this run's own (TTA on), so evaluation tests those weights this run's way.
-    The run gets its own MLflow run, tagged with the one that trained it.
-    """
-    run_dir = Path(run_dir)
-    cfg = build_cfg(spec, run_dir)
-    prepare_run_dir(run_dir, spec, cfg)
-    for name in ("model_final.pth", METRICS_LOG, "loss_curve.png"):
-        if (trained / name).is_file():
-            _link(trained / name, run_dir / name)
-    trained_done = json.loads((trained / DONE_FILE).read_text())
-    if track:
-        tags = {"trained_by": str(trained)}
-        if (trained / RUN_ID_FILE).is_file():
-            tags["trained_by_mlflow_run"] = (trained / RUN_ID_FILE).read_text().strip()
-        tracker = start_tracking(run_dir, spec, cfg, tags)
-        tracker.log_final({}, trained_done["iterations"] - 1, [run_dir / "config.yaml"])
-        tracker.finish()
-    done = {"iterations": trained_done["iterations"], "seed": spec.seed, "trained_by": str(trained)}
-    write_text(run_dir / DONE_FILE, json.dumps(done, indent=2) + "\n")
-    logger.info(f"{run_dir}: evaluates the weights trained in {trained}")
-    return run_dir / "model_final.pth"
-
-
 def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
     """Train (or resume, or skip if done) the run in ``run_dir``. Returns the final checkpoint.
-    A run whose training twin (:meth:`RunSpec.training_twin`) has finished takes its weights."""
+    Evaluation-only settings of ``spec`` (``eval``, TTA) play no part: the run trains ``spec.training()``."""
     run_dir = Path(run_dir)
     if (run_dir / DONE_FILE).is_file():
         logger.info(f"{run_dir}: already trained ({DONE_FILE}); nothing to do")
         return run_dir / "model_final.pth"
-    trained = twin_dir(run_dir, spec)
-    if trained is not None and (trained / DONE_FILE).is_file():
-        return adopt(run_dir, spec, trained, track)
+    spec = spec.training()
     from pipeline import datasets
     from pipeline.run_figures import loss_curve
 

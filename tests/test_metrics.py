@@ -5,6 +5,7 @@ it evaluated.
 """
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,17 @@ def data(tmp_path_factory):
     return root
 
 
-def untrained_run(data: Path, run_dir: Path, annotations: str = "lvis", switches=()) -> Path:
-    """A run directory that evaluation accepts (settings, config, 'trained') without any training:
-    the model is supplied by the test."""
+def untrained_run(data: Path, run_dir: Path, annotations: str = "lvis", switches=(), max_images=None):
+    """A run directory that evaluation accepts (settings, config, 'trained') without any training —
+    the model is supplied by the test — and the spec of an evaluation of its first ``max_images``
+    validation images (None: all), untimed warm-up 0."""
     params = {"data": {"name": "synthetic", "root": str(data), "annotations": annotations}, "scale": "smoke",
               "detector": "centernet2_agnostic", "loss": "fedloss", "seeds": [0], "switches": list(switches),
               "train": {"device": "cpu"}}
     spec = resolve(params, seed=0, study="metrics")
     tr.prepare_run_dir(run_dir, spec, build_cfg(spec, run_dir))
     (run_dir / tr.DONE_FILE).write_text(json.dumps({"iterations": 0}))
-    return run_dir
+    return run_dir, replace(spec, eval={"warmup": 0, "max_images": max_images})
 
 
 class KnownPredictions(nn.Module):
@@ -134,11 +136,11 @@ def test_ap_on_a_subset_is_the_lvis_apis_on_exactly_those_images(data, tmp_path)
     Deliberate break tried: the evaluator given the whole split (the loader still on the subset, as
     before this test) → APc 0.0 where the subset has no common category, AP 20.35; the test failed.
     """
-    run_dir = untrained_run(data, tmp_path / "run")
-    record = ev.evaluate(run_dir, warmup=0, max_images=3, model=KnownPredictions(hand_made(_val_json(data))))
+    run_dir, spec = untrained_run(data, tmp_path / "run", max_images=3)
+    record = ev.evaluate(run_dir, spec, model=KnownPredictions(hand_made(_val_json(data))))
     assert record["images"] == {"count": 3, "ids": [25, 26, 27]}
     assert record["runtime"]["images"] == 3
-    results = run_dir / "eval" / "lvis_instances_results.json"
+    results = ev.eval_dir(run_dir, spec) / "lvis_instances_results.json"
     assert {d["image_id"] for d in json.loads(results.read_text())} == {25, 26, 27}
     direct = lvis_direct(_val_json(data), results, "bbox", record["images"]["ids"])
     for key in BOX_KEYS:
@@ -159,16 +161,17 @@ def test_ap_on_a_subset_is_pycocotools_on_exactly_those_images(data, tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    run_dir = untrained_run(data, tmp_path / "run", annotations="coco")
+    run_dir, spec = untrained_run(data, tmp_path / "run", annotations="coco", max_images=4)
     gt_json = _val_json(data, "coco")
-    record = ev.evaluate(run_dir, warmup=0, max_images=4, model=KnownPredictions(hand_made(gt_json)))
+    record = ev.evaluate(run_dir, spec, model=KnownPredictions(hand_made(gt_json)))
     assert record["images"]["ids"] == [25, 26, 27, 28]
     gt = json.loads(gt_json.read_text())
     gt = {**gt, "images": [im for im in gt["images"] if im["id"] <= 28],
           "annotations": [a for a in gt["annotations"] if a["image_id"] <= 28]}
     (tmp_path / "gt4.json").write_text(json.dumps(gt))
     coco_gt = COCO(str(tmp_path / "gt4.json"))
-    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(str(run_dir / "eval" / "coco_instances_results.json")), "bbox")
+    dets = coco_gt.loadRes(str(ev.eval_dir(run_dir, spec) / "coco_instances_results.json"))
+    coco_eval = COCOeval(coco_gt, dets, "bbox")
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
@@ -186,9 +189,9 @@ def test_ground_truth_as_predictions_scores_100(data, tmp_path, switches):
     guards against). Deliberate break tried: the evaluator given the whole split → box AP 66.34,
     both cases failed.
     """
-    run_dir = untrained_run(data, tmp_path / "run", switches=switches)
-    record = ev.evaluate(run_dir, warmup=0, max_images=4,
-                         model=KnownPredictions(ground_truth(_val_json(data), with_masks=bool(switches))))
+    run_dir, spec = untrained_run(data, tmp_path / "run", switches=switches, max_images=4)
+    known = KnownPredictions(ground_truth(_val_json(data), with_masks=bool(switches)))
+    record = ev.evaluate(run_dir, spec, model=known)
     assert record["bbox"]["AP"] == pytest.approx(100.0)
     assert record["bbox"]["AP50"] == pytest.approx(100.0)
     if switches:

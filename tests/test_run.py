@@ -29,6 +29,7 @@ def tiny(tmp_path_factory):
         "detector": "centernet2_agnostic", "loss": "fedloss", "seeds": [0, 1],
         "train": {"max_iter": MAX_ITER, "checkpoint_period": CKPT, "log_period": 1, "num_workers": 0,
                   "device": "cpu", "opts": []},
+        "eval": {"warmup": 1, "max_images": None},
     }
     return {"root": root, "params": params}
 
@@ -129,7 +130,7 @@ def test_nan_stops_with_iteration_and_loss_and_no_finished_run(tiny, tmp_path, m
     assert err.startswith(message), err
     assert not (tmp_path / "nan" / "model_final.pth").exists()
     assert not (tmp_path / "nan" / tr.DONE_FILE).exists()
-    assert not (tmp_path / "nan" / ev.METRICS_FILE).exists()
+    assert not (tmp_path / "nan" / "eval").exists()
 
 
 def test_evaluate_writes_metrics_and_logs_them(tiny, tmp_path, mlflow_uri):
@@ -138,8 +139,8 @@ def test_evaluate_writes_metrics_and_logs_them(tiny, tmp_path, mlflow_uri):
     run_dir = tmp_path / "evald"
     spec = resolve(tiny["params"], seed=1, study="eval")
     tr.run(run_dir, spec)
-    record = ev.evaluate(run_dir, warmup=1)
-    on_disk = json.loads((run_dir / ev.METRICS_FILE).read_text())
+    record = ev.evaluate(run_dir)  # the run's own evaluation settings: warm-up 1, every image
+    on_disk = json.loads((ev.eval_dir(run_dir, spec) / ev.METRICS_FILE).read_text())
     assert on_disk == record
     box = record["bbox"]
     assert set(box) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"}
@@ -155,7 +156,10 @@ def test_evaluate_writes_metrics_and_logs_them(tiny, tmp_path, mlflow_uri):
     assert run.data.tags["seed"] == "1" and run.data.tags["dataset_checksum"] == "abc123"
     assert run.data.params["loss"] == "fedloss" and "d2.MODEL.ROI_BOX_HEAD.CLS_LOSS" in run.data.params
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "loss_curve.png", "metrics.json"} <= artifacts
+    assert {"config.yaml", "loss_curve.png", "eval"} <= artifacts
+    key = spec.eval_key()
+    assert {a.path for a in client.list_artifacts(run.info.run_id, f"eval/{key}")} == {
+        f"eval/{key}/metrics.json", f"eval/{key}/config.yaml"}
 
 
 def test_unfinished_run_is_not_evaluated(tmp_path):
@@ -197,7 +201,7 @@ def test_a_mask_model_reports_mask_ap_through_the_lvis_evaluator(tiny, tmp_path,
     params = {**tiny["params"], "switches": ["mask"], "train": {**tiny["params"]["train"], "max_iter": 2}}
     run_dir = tmp_path / "masked"
     tr.run(run_dir, resolve(params, seed=0, study="mask"))
-    record = ev.evaluate(run_dir, warmup=1)
+    record = ev.evaluate(run_dir)
     assert set(record["segm"]) == set(record["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc",
                                                           "APf"}
     # Mask AP of known masks: tests/test_metrics.py::test_ground_truth_as_predictions_scores_100.

@@ -1,11 +1,12 @@
 """The run store and its MLflow records around a stage: parent runs ended with their rows' summaries."""
 import json
+from pathlib import Path
 
 import pytest
 
 from pipeline import params as P
 from pipeline import stage
-from pipeline.evaluate import METRICS_FILE
+from pipeline.evaluate import METRICS_FILE, eval_dir
 from pipeline.launch import StageFailed
 from pipeline.tracking import Tracker
 
@@ -35,7 +36,7 @@ def fake_jobs(fail_on=None, interrupt=False):
 
     def run_all(requests, launcher, folder, name="cn2"):
         out = []
-        for run_dir, spec in requests:
+        for run_dir, (spec,) in requests:  # one evaluation per run here
             tracker = Tracker(spec.tracking_uri)
             tracker.start(run_dir, spec.study, spec.ablation, spec.seed, {"loss": spec.loss}, {})
             if interrupt:
@@ -45,9 +46,10 @@ def fake_jobs(fail_on=None, interrupt=False):
                 raise StageFailed(f"job of {run_dir} failed")
             ap, apr, apc, apf, ms = RESULTS[(spec.loss, spec.seed)]
             metrics = {"bbox": {"AP": ap, "APr": apr, "APc": apc, "APf": apf}, "runtime": {"ms_per_image": ms}}
-            (run_dir / METRICS_FILE).write_text(json.dumps(metrics))
+            eval_dir(run_dir, spec).mkdir(parents=True)
+            (eval_dir(run_dir, spec) / METRICS_FILE).write_text(json.dumps(metrics))
             tracker.finish()
-            out.append(metrics)
+            out.append([metrics])
         return out
 
     return run_all
@@ -112,3 +114,49 @@ def test_a_failed_or_interrupted_stage_ends_its_parents_failed_or_killed(study, 
     assert {p.info.run_id for p in parents_again.values()} == {p.info.run_id for p in parents.values()}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parents_again["fedloss"].data.metrics["bbox/AP_mean"] == 12.5
+
+
+def test_a_changed_evaluation_setting_re_evaluates_without_training(tmp_path, monkeypatch):
+    """
+    A real (smoke-scale, in-process) study of one run evaluated on 2 images; then eval.max_images: 4
+    and the stage again: the run directory is the same (its key leaves ``eval`` out), a second
+    evaluation directory appears beside the first, and nothing trains — ``Trainer.train`` is made
+    to fail for the second stage, the checkpoints keep their mtimes and the training log its lines.
+    Deliberate break tried: ``eval`` back in ``RunSpec.identity`` -> a new run directory trained
+    (Trainer.train called); the test failed.
+    """
+    from pipeline import train as tr
+    from pipeline.synthetic import SyntheticSpec, generate
+
+    data = tmp_path / "data"
+    generate(SyntheticSpec(num_train=20, num_val=6, num_classes=3, image_size=(64, 80), seed=2), data)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage, "run_store", lambda: tmp_path / "runs")
+    params = P.load(P.PARAMS_FILE)
+    params.update(scale="smoke", seeds=[0], run_studies=["t"],
+                  studies={"t": {"a": {"detector": "centernet2_agnostic", "loss": "fedloss"}}})
+    params["data"]["root"] = str(data)
+    params["train"].update(max_iter=2, checkpoint_period=1, log_period=1, ims_per_batch=2, device="cpu")
+    params["eval"] = {"warmup": 0, "max_images": 2}
+    params["launcher"] = {**params["launcher"], "cluster": "debug"}
+    first = json.loads(stage.stage_study(params, "t").read_text())["rows"]["a"]["seeds"]["seed0"]
+    run_dir = Path(first["run_dir"])
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.pth")}
+    log = (run_dir / tr.METRICS_LOG).read_text()
+    assert sorted(before) == ["model_0000001.pth", "model_final.pth"] and len(log.splitlines()) == 2
+
+    def no_training(self):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(tr.Trainer, "train", no_training)
+    params["eval"]["max_images"] = 4
+    second = json.loads(stage.stage_study(params, "t").read_text())["rows"]["a"]["seeds"]["seed0"]
+    assert second["run_dir"] == first["run_dir"]
+    assert (first["images"], second["images"]) == (2, 4)
+    assert second["eval_dir"] != first["eval_dir"]
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == sorted(
+        Path(e).name for e in (first["eval_dir"], second["eval_dir"]))
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.pth")} == before
+    assert (run_dir / tr.METRICS_LOG).read_text() == log
+    assert json.loads((Path(second["eval_dir"]) / METRICS_FILE).read_text())["images"]["count"] == 4

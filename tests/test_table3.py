@@ -170,31 +170,34 @@ def test_switches_in_an_impossible_order_are_refused():
         _cfg(["dcn"])  # the smoke scale's ResNet-18 has no bottleneck blocks
 
 
-def test_table3_study_through_the_pipeline_shares_training_with_test_aug(tmp_path):
-    """`dvc repro` of a Table 3 study: mask AP columns beside the report's, and the "+ test-aug" row
-    evaluates the "+ larger input" model instead of training it again."""
+def test_table3_study_through_the_pipeline_evaluates_test_aug_on_the_larger_input_weights(tmp_path):
+    """`dvc repro` of a Table 3 study: mask AP columns beside the report's, and the "+ test-aug" row is
+    a second evaluation (TTA is an evaluation setting) of the run the "+ larger input" row trained:
+    one run directory, two evaluation directories, one of them with TTA on."""
     import json
 
     from tests.helpers import scratch_repo, sh
 
     row = {"detector": "centernet2_agnostic", "loss": "fedloss"}
     studies = {"table3": {"baseline": row, "mask": {**row, "switches": ["mask"]},
-                          "test_aug": {**row, "switches": STEPS}}}
+                          "larger_input": {**row, "switches": STEPS[:-1]}, "test_aug": {**row, "switches": STEPS}}}
     # TTA runs the model 36 times an image (9 scales, flip, boxes then masks): evaluate two images.
     repo = scratch_repo(tmp_path, studies=studies, run_studies=["table3"], seeds=[0], **{"eval.max_images": 2})
     sh(repo, "dvc", "repro")
-    runs = {json.loads((d / "run.json").read_text())["row"]: d for d in (repo / "runs").glob("*/seed0")
-            if json.loads((d / "run.json").read_text())["study"] == "table3"}
-    # The twin (every step but TTA) was trained though no row names it; test_aug took its weights.
-    assert set(runs) == {"baseline", "mask", "test_aug", "test_aug without tta"}
-    twin, tta = runs["test_aug without tta"], runs["test_aug"]
-    done = json.loads((tta / "train_done.json").read_text())
-    assert done["trained_by"] == str(twin)
-    assert (tta / "model_final.pth").read_bytes() == (twin / "model_final.pth").read_bytes()
-    assert not list(tta.glob("model_0*.pth"))  # no training checkpoints of its own
-    assert "ENABLED: true" in (tta / "config.yaml").read_text().split("AUG:")[1].split("\n  ")[1]
-    metrics = json.loads((tta / "metrics.json").read_text())
-    assert {"bbox", "segm"} <= set(metrics)
+    runs = {json.loads((d / "run.json").read_text())["row"]: d for d in (repo / "runs").glob("*/seed0")}
+    assert set(runs) == {"baseline", "mask", "larger_input"}  # test_aug trained nothing of its own
+    shared = runs["larger_input"]
+    evals = {json.loads((e / "eval.json").read_text())["row"]: e for e in (shared / "eval").iterdir()}
+    assert set(evals) == {"larger_input", "test_aug"}
+    assert json.loads((evals["test_aug"] / "eval.json").read_text())["switches"] == ["tta"]
+    for name, tta_on in (("larger_input", "false"), ("test_aug", "true")):
+        aug = (evals[name] / "config.yaml").read_text().split("AUG:")[1].split("\n  ")[1]
+        assert f"ENABLED: {tta_on}" in aug, name
+        assert {"bbox", "segm"} <= set(json.loads((evals[name] / "metrics.json").read_text()))
+    study = json.loads((repo / "results" / "studies" / "table3.json").read_text())["rows"]
+    larger, test_aug = study["larger_input"]["seeds"]["seed0"], study["test_aug"]["seeds"]["seed0"]
+    assert larger["run_dir"] == test_aug["run_dir"] == str(shared)
+    assert (larger["eval_dir"], test_aug["eval_dir"]) == (str(evals["larger_input"]), str(evals["test_aug"]))
 
     table = (repo / "reports" / "table3.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| Row"))
