@@ -119,5 +119,5 @@ def test_aggregate_uses_exactly_the_current_seeds(repo):
     assert summary["table1"]["cascadercnn"]["AP_n"] == 1
     assert "(n=1)" in (r / "reports" / "table1.md").read_text()
     assert list((r / "runs").glob("cascadercnn-*/seed1"))  # the old seed's run is still on disk...
-    seed0 = json.loads(next((r / "runs").glob("cascadercnn-*/seed0/metrics.json")).read_text())
+    seed0 = json.loads(next((r / "runs").glob("cascadercnn-*/seed0/eval/*/metrics.json")).read_text())
     assert summary["table1"]["cascadercnn"]["AP"] == pytest.approx(seed0["bbox"]["AP"], abs=1e-3)  # ...but unused

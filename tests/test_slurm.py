@@ -57,7 +57,7 @@ def test_job_array_runs_every_seed_and_follows_the_profile(repo):
     runs = json.loads((repo / "results" / "main_runs.json").read_text())["seeds"]
     assert set(runs) == {"seed0", "seed1"}
     for run in runs.values():
-        assert (Path(run["run_dir"]) / "metrics.json").is_file() and run["mlflow_run_id"]
+        assert (Path(run["eval_dir"]) / "metrics.json").is_file() and run["mlflow_run_id"]
     # One array of two tasks, on the profile's partition with its CPUs and memory.
     array = out.stderr.split("submitted 2 job(s) to slurm: ")[1].split(";")[0].split(", ")
     assert len(array) == 2 and array[0].endswith("_0") and array[1].endswith("_1")
