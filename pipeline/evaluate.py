@@ -39,13 +39,13 @@ from torch import nn
 from model.switches import apply_switches
 from pipeline import datasets
 from pipeline.atomic import write_text
+from pipeline.progress import PROGRESS_FILE
 from pipeline.runspec import RunSpec
 from pipeline.tracking import RUN_ID_FILE, Tracker
 from pipeline.train import DONE_FILE, dataset_checksum
 
 logger = logging.getLogger("pipeline.evaluate")
 METRICS_FILE = "metrics.json"
-PROGRESS_FILE = "progress.json"
 
 
 class TimedModel(nn.Module):

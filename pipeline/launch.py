@@ -12,7 +12,7 @@ evaluation setting its stage asks for; finished training and evaluations are not
 job fails the stage with the job's id and the tail of its stderr; Ctrl-C cancels every submitted job;
 a Slurm job preempted or timed out is requeued by submitit (``Checkpointable``) and resumes from its
 last checkpoint. Jobs of several GPUs use detectron2's
-``launch``.
+``launch``. While it waits, the stage shows each run's progress (``pipeline.progress``).
 """
 import logging
 import os
@@ -25,6 +25,7 @@ import submitit
 import yaml
 
 from pipeline import params as P
+from pipeline.progress import StageProgress
 from pipeline.runspec import RunSpec
 
 logger = logging.getLogger("pipeline.launch")
@@ -137,6 +138,7 @@ def run_all(requests: Sequence[Tuple[Path, List[RunSpec]]], launcher: Dict[str, 
             [os.getcwd()] * n, [threads] * n, [gpus] * n)
     cluster = launcher.get("cluster", "local")
     jobs: List[Any] = []
+    progress = StageProgress(requests) if cluster != "debug" else None  # debug: the job's own output
     try:
         if cluster == "local":
             # No job arrays on the local executor: keep `parallel` jobs running, start the next
@@ -156,11 +158,15 @@ def run_all(requests: Sequence[Tuple[Path, List[RunSpec]]], launcher: Dict[str, 
                     active.remove(job)
                     _wait(job)  # raises StageFailed on a failed job
                 if not done:
+                    progress.update()
                     time.sleep(1)
             return [_wait(job) for job in jobs]
         jobs = executor.map_array(RunJob(), *args)
         logger.info(f"submitted {len(jobs)} job(s) to {cluster}: {', '.join(j.job_id for j in jobs)}; "
                     f"logs in {folder}")
+        while progress is not None and not all(j.done() for j in jobs):
+            progress.update()
+            time.sleep(2)
         return [_wait(job) for job in jobs]
     except (KeyboardInterrupt, StageFailed):
         running = [j for j in jobs if not j.done()]
@@ -169,6 +175,9 @@ def run_all(requests: Sequence[Tuple[Path, List[RunSpec]]], launcher: Dict[str, 
         if running:
             logger.error(f"cancelled {len(running)} running job(s): {', '.join(j.job_id for j in running)}")
         raise
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _wait(job) -> Dict[str, Any]:

@@ -41,6 +41,7 @@ from detectron2.utils.logger import setup_logger
 from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.loader import LazyLoader, build_train_loader
+from pipeline.progress import PROGRESS_FILE, ProgressFile
 from pipeline.runspec import RunSpec, build_cfg, resolve
 from pipeline.tracking import Tracker, git_commit
 
@@ -203,6 +204,7 @@ class Trainer(SimpleTrainer):
             hooks.LRScheduler(),
             self.metrics_log,
             RetainingCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, keep_checkpoints),
+            ProgressFile(Path(cfg.OUTPUT_DIR) / PROGRESS_FILE),  # what a waiting stage shows
             hooks.PeriodicWriter([CommonMetricPrinter(self.max_iter)], period=log_period),
         ])
 

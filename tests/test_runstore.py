@@ -8,6 +8,7 @@ from pipeline import params as P
 from pipeline import stage
 from pipeline.evaluate import METRICS_FILE, eval_dir
 from pipeline.launch import StageFailed
+from pipeline.runspec import resolve
 from pipeline.tracking import Tracker
 
 # Hand-made results per (loss, seed): box AP, APr, APc, APf and ms per image.
@@ -160,3 +161,82 @@ def test_a_changed_evaluation_setting_re_evaluates_without_training(tmp_path, mo
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.pth")} == before
     assert (run_dir / tr.METRICS_LOG).read_text() == log
     assert json.loads((Path(second["eval_dir"]) / METRICS_FILE).read_text())["images"]["count"] == 4
+
+
+def test_progress_lines_are_read_from_the_runs_files(tmp_path):
+    """
+    Four runs in four states, from hand-written files: training (its progress.json), evaluating
+    (trained, the evaluation's progress.json), done (metrics.json) and not started. Expected lines
+    by hand: ETA 35 s = 0:00:35, loss 1.23456 to 4 significant digits = 1.235. Deliberate break
+    tried: ``run_status`` not checking ``train_done.json`` first -> B showed its stale training
+    line; the test failed.
+    """
+    from pipeline.progress import render
+
+    runs = {name: (tmp_path / name, tmp_path / name / "eval" / "val-all-x") for name in "ABCD"}
+    for _, ev_dir in runs.values():
+        ev_dir.mkdir(parents=True)
+    (runs["A"][0] / "progress.json").write_text(json.dumps(
+        {"iter": 30, "max_iter": 100, "loss": 1.23456, "sec_per_iter": 0.5, "eta_s": 35.0}))
+    (runs["B"][0] / "progress.json").write_text(json.dumps(
+        {"iter": 100, "max_iter": 100, "loss": 1.0, "sec_per_iter": 0.5, "eta_s": 0.0}))
+    (runs["B"][0] / "train_done.json").write_text("{}")
+    (runs["B"][1] / "progress.json").write_text(json.dumps({"evaluating": 7, "of": 100}))
+    (runs["C"][0] / "train_done.json").write_text("{}")
+    (runs["C"][1] / METRICS_FILE).write_text("{}")
+    jobs = [(f"row{name} seed0", run_dir, [ev_dir]) for name, (run_dir, ev_dir) in runs.items()]
+    assert render(jobs) == ["1/4 runs done",
+                            "  rowA seed0: iter 30/100  loss 1.235  ETA 0:00:35",
+                            "  rowB seed0: evaluating 7/100",
+                            "  rowD seed0: waiting to start"]
+
+
+def test_progress_hook_writes_iteration_loss_and_eta(tmp_path):
+    """detectron2's storage after 4 of 10 iterations, 0.5 s each from the second on (the timer skips
+    warm-up): ETA = 0.5 s x 6 iterations left = 3 s. Deliberate break tried: ``max_iter - it - 1``
+    -> eta 2.5; the test failed."""
+    from types import SimpleNamespace
+
+    from detectron2.utils.events import EventStorage
+
+    from pipeline.progress import ProgressFile
+
+    hook = ProgressFile(tmp_path / "progress.json", every=0)
+    with EventStorage(0) as storage:
+        hook.trainer = SimpleNamespace(max_iter=10, storage=storage, iter=0)
+        for it in range(4):
+            storage.iter = hook.trainer.iter = it
+            storage.put_scalar("total_loss", 2.0 - it / 10)
+            if it:
+                storage.put_scalar("time", 0.5)
+            hook.after_step()
+    assert json.loads((tmp_path / "progress.json").read_text()) == {
+        "iter": 4, "max_iter": 10, "loss": 1.7, "sec_per_iter": 0.5, "eta_s": 3.0}
+
+
+def test_progress_display_on_a_terminal_and_in_a_log(tmp_path):
+    """Plain lines (not a terminal) at most every ``plain_every`` seconds, each with a time stamp;
+    on a terminal a rich live view showing the same lines."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.progress import StageProgress
+
+    spec = resolve(P.load(P.PARAMS_FILE), seed=0, row="rowA")
+    run_dir = tmp_path / "A"
+    run_dir.mkdir()
+    (run_dir / "progress.json").write_text(json.dumps(
+        {"iter": 3, "max_iter": 9, "loss": 2.0, "sec_per_iter": None, "eta_s": None}))
+    log = io.StringIO()
+    shown = StageProgress([(run_dir, [spec])], plain_every=3600, console=Console(file=log, force_terminal=False))
+    shown.update()
+    shown.update()  # too soon: nothing more
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("progress] 0/1 runs done")
+    assert lines[1].endswith("progress]   rowA seed0: iter 3/9  loss 2  ETA ?")
+    tty = io.StringIO()
+    live = StageProgress([(run_dir, [spec])], console=Console(file=tty, force_terminal=True, width=100))
+    live.update()
+    live.close()
+    assert "rowA seed0: iter 3/9  loss 2  ETA ?" in tty.getvalue() and "\x1b[" in tty.getvalue()
