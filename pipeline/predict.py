@@ -236,7 +236,7 @@ def _progress(items, total: int):
     except ImportError:  # tqdm is in requirements.lock; without it, no bar
         return items, lambda line: print(line, file=sys.stderr)
     bar = tqdm(items, total=total, unit="image", disable=total < 2, file=sys.stderr)
-    return bar, bar.write
+    return bar, lambda line: bar.write(line, file=sys.stderr)
 
 
 def predict(run_dir: Path, inputs: Sequence[str], out: Path, threshold: float = 0.5,

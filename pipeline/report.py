@@ -5,7 +5,16 @@ From the study results (the same rows and seeds as the tables, via ``pipeline.ag
 draws (matplotlib PNG, ``reports/figures/``):
 - ``ap_rcf.png``: AP_r / AP_c / AP_f bars with error bars (std over seeds) per detector and loss;
 - ``loss_curves.png``: training loss per study row (mean over seeds);
-- ``accuracy_vs_runtime.png``: box AP against inference ms/image per detector, the report's beside.
+- ``accuracy_vs_runtime.png``: box AP against inference ms/image per detector, the report's beside;
+- ``predictions.png``: the main experiment's first seed on the first validation images
+  (``pipeline.predict``: detections scoring at least ``PREDICTION_THRESHOLD``, the best
+  ``PREDICTION_MAX`` per image);
+- ``ap_by_category.png``: per Table 2 row, each category's box AP (mean over seeds) against its
+  training image count (log scale), coloured by LVIS frequency bucket: how a loss treats the tail.
+  Per-category AP is computed here with the official ``lvis`` API (``LVISEval``, all IoUs, all areas,
+  300 detections per image, as the evaluation) from each run's saved detections
+  (``eval/lvis_instances_results.json``) against the validation images it evaluated
+  (``metrics.json``: ``images.ids``), and cached in ``eval/ap_by_category.json``;
 and writes ``reports/runs.md``: every MLflow run the tables use, by id, with its AP as MLflow returns
 it from ``mlflow.search_runs`` (so the tables can be checked against the tracking store).
 """
@@ -23,12 +32,17 @@ import yaml  # noqa: E402
 from pipeline import params as P  # noqa: E402
 from pipeline.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect  # noqa: E402
 from pipeline.atomic import save_figure, write_text  # noqa: E402
-from pipeline.runspec import study_rows  # noqa: E402
+from pipeline.runspec import RunSpec, study_rows  # noqa: E402
 from pipeline.stage import RESULTS, params_main  # noqa: E402
 from pipeline.tracking import tracking_uri  # noqa: E402
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
+# predictions.png: validation images shown, and which detections are drawn on them.
+PREDICTION_IMAGES = 4
+PREDICTION_THRESHOLD = 0.3
+PREDICTION_MAX = 15
+BUCKET_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 
 
 def _label(merged: Dict[str, Any]) -> str:
@@ -93,6 +107,133 @@ def accuracy_vs_runtime(params, summary, paper, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _placeholder(path: Path, text: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10)
+    ax.axis("off")
+    save_figure(fig, path)
+
+
+def main_run_dir(results_dir: Path = RESULTS) -> Path:
+    """The main experiment's run of its lowest seed (``results/main_runs.json``), or None."""
+    f = results_dir / "main_runs.json"
+    seeds = json.loads(f.read_text()).get("seeds", {}) if f.is_file() else {}
+    dirs = [Path(s["run_dir"]) for _, s in sorted(seeds.items(), key=lambda kv: int(kv[0][4:]))]
+    return next((d for d in dirs if (d / "model_final.pth").is_file()), None)
+
+
+def predictions(run_dir: Path, path: Path) -> None:
+    """The run's detections on its first validation images, drawn by ``pipeline.predict``."""
+    from detectron2.data import DatasetCatalog
+
+    from pipeline import predict
+
+    if run_dir is None:
+        _placeholder(path, "no trained main run yet (dvc repro main)")
+        return
+    predictor = predict.Predictor(run_dir)
+    records = DatasetCatalog.get(predict.val_split(run_dir).name)[:PREDICTION_IMAGES]
+    cols = min(len(records), 2) or 1
+    rows = -(-len(records) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, record in zip(axes.flat, records):
+        image = predictor.read(Path(record["file_name"]))
+        instances = predict.keep_above(predictor(image), PREDICTION_THRESHOLD)[:PREDICTION_MAX]
+        ax.imshow(predict.draw(predictor.rgb(image), instances, predictor.categories))
+        ax.set_title(f"{Path(record['file_name']).name}: {len(instances)} detections", fontsize=8)
+    spec = RunSpec.from_json((run_dir / "run.json").read_text())
+    name = f"{DETECTOR_NAMES.get(spec.detector, spec.detector)} + {LOSS_NAMES.get(spec.loss, spec.loss)}"
+    fig.suptitle(f"{name}, seed {spec.seed}: detections scoring >= {PREDICTION_THRESHOLD} "
+                 f"(at most {PREDICTION_MAX})", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def category_ap(run_dir: Path) -> Dict[int, float]:
+    """
+    Box AP (%) of each category of the run's evaluated validation images that has ground truth,
+    by dataset category id: LVISEval's precision (IoU x recall x category x area) averaged over IoU
+    thresholds and recall points for the category, area "all" (the mean over categories of these
+    is the run's AP). Cached in ``eval/ap_by_category.json`` beside the detections.
+    """
+    import tempfile
+
+    from lvis import LVIS, LVISEval, LVISResults
+
+    from pipeline import predict
+
+    results_file = run_dir / "eval" / "lvis_instances_results.json"
+    cache = run_dir / "eval" / "ap_by_category.json"
+    stamp = f"{results_file.stat().st_mtime_ns}:{results_file.stat().st_size}"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("stamp") == stamp:
+            return {int(k): v for k, v in cached["ap"].items()}
+    gt = json.loads(predict.val_split(run_dir).json_file.read_text())
+    ids = (json.loads((run_dir / "metrics.json").read_text()).get("images") or {}).get("ids")
+    if ids:  # the evaluation scored these images only (max_images)
+        keep = set(ids)
+        gt = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
+              "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(gt, f)
+        f.flush()
+        lvis_gt = LVIS(f.name)
+    with_gt = sorted({a["category_id"] for a in gt["annotations"]})
+    detections = json.loads(results_file.read_text())
+    ap = {c: 0.0 for c in with_gt}
+    if detections:
+        evaluator = LVISEval(lvis_gt, LVISResults(lvis_gt, detections, max_dets=300), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        precision = evaluator.eval["precision"]  # (IoU thresholds, recall points, categories, areas)
+        for k, cat in enumerate(evaluator.params.cat_ids):
+            p = precision[:, :, k, 0]
+            if cat in ap:
+                ap[cat] = float(p[p > -1].mean() * 100) if (p > -1).any() else 0.0
+    write_text(cache, json.dumps({"stamp": stamp, "ap": ap}) + "\n")
+    return ap
+
+
+def ap_by_category(params, results: Dict[str, Any], path: Path, study: str = "table2") -> None:
+    """Per row of ``study``: category AP (mean over seeds) against training image count, log x."""
+    rows = {name: info for name, info in (results.get(study) or {}).items()
+            if any((Path(s["run_dir"]) / "eval" / "lvis_instances_results.json").is_file()
+                   for s in info["seeds"].values())}
+    if not rows:
+        _placeholder(path, f"no evaluated {study} run with LVIS-style labels yet (dvc repro study@{study})")
+        return
+    merged = study_rows(params, study)
+    cols = min(len(rows), 4)
+    nrows = -(-len(rows) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax, (name, info) in zip(axes.flat, rows.items()):
+        run_dirs = [Path(s["run_dir"]) for s in info["seeds"].values()
+                    if (Path(s["run_dir"]) / "eval" / "lvis_instances_results.json").is_file()]
+        per_seed = [category_ap(d) for d in run_dirs]
+        spec = RunSpec.from_json((run_dirs[0] / "run.json").read_text())
+        cats = {c["id"]: c for c in json.loads((spec.data_dir / "cat_info.json").read_text())}
+        for bucket, colour in BUCKET_COLOURS.items():
+            ids = [c for c in per_seed[0] if cats.get(c, {}).get("frequency") == bucket]
+            if ids:
+                ax.scatter([max(cats[c]["image_count"], 1) for c in ids],
+                           [np.mean([s[c] for s in per_seed if c in s]) for c in ids],
+                           s=14, color=colour, label=f"{bucket} ({len(ids)})", alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_title(_label(merged[name]).replace("\n", " + ") + f" (n={len(per_seed)})", fontsize=8)
+        ax.set_xlabel("training images of the category", fontsize=7)
+        ax.legend(fontsize=6, title="frequency", title_fontsize=6)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("box AP (%), mean over seeds", fontsize=7)
+    fig.suptitle(f"AP by category against training image count ({study})", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def runs_table(summary, uri: str) -> str:
     import mlflow
 
@@ -125,13 +266,16 @@ def report(params) -> None:
     ap_bars(params, summary, FIGURES / "ap_rcf.png")
     loss_curves(params, results, FIGURES / "loss_curves.png")
     accuracy_vs_runtime(params, summary, paper, FIGURES / "accuracy_vs_runtime.png")
+    predictions(main_run_dir(), FIGURES / "predictions.png")
+    ap_by_category(params, results, FIGURES / "ap_by_category.png")
     write_text(REPORTS / "runs.md", runs_table(summary, tracking_uri(P.get(params, "tracking.uri"))))
 
 
 def main(argv=None) -> None:
     def work(params):
         report(params)
-        return f"wrote {FIGURES}/ap_rcf.png, loss_curves.png, accuracy_vs_runtime.png and {REPORTS}/runs.md"
+        return (f"wrote {FIGURES}/ap_rcf.png, loss_curves.png, accuracy_vs_runtime.png, predictions.png, "
+                f"ap_by_category.png and {REPORTS}/runs.md")
 
     params_main(argv, "python -m pipeline.report", __doc__, work)
 

@@ -10,12 +10,13 @@ box within 1e-3 px and the score within 1e-3 (matched greedily in score order: n
 may swap places). The reference is the run's model built here with detectron2's ``build_model`` and the
 checkpoint's weights, fed through detectron2's ``ResizeShortestEdge``.
 
-Deliberate breaks tried, each failed this test: (1) ``TRACED_LEN_MODULES = []`` (proposal counts frozen
-at the sample image's: onnxruntime stops with "Cannot split using values in 'split' attribute" on the
-second image, TorchScript with a size mismatch); (2) the ``_ScaleGradient`` patch removed from
+Deliberate breaks tried, each failed this test: (1) ``TRACED_LEN_MODULES = []`` (the proposal count
+frozen at the sample image's): both CenterNet2-agnostic cases failed on the second image, onnxruntime
+with "Cannot split using values in 'split' attribute", TorchScript with "split_with_sizes expects
+split_sizes to sum exactly to 194 ... got split_sizes=[190]" (CascadeRCNN's RPN keeps a fixed number
+of proposals at this size, so its cases passed); (2) the ``_ScaleGradient`` patch removed from
 ``traceable()``: saving the TorchScript file fails ("Could not export Python function call
-'_ScaleGradient'") and the export is refused with that line; (3) ``detections`` returning the scores
-of the cascade's first stage only (a traced graph of another computation) — scores off by > 1e-3.
+'_ScaleGradient'") and the export is refused with that line.
 """
 import json
 import shutil

@@ -1,0 +1,75 @@
+"""
+The report's per-category AP (``pipeline.report.category_ap``), from saved detections, checked on
+detections whose AP is known by hand, and the two figures that use a trained run.
+
+Run directory by hand: a tiny synthetic dataset (3 categories), ``run.json`` and a ``config.yaml``
+naming its validation split, ``metrics.json`` listing the evaluated images, and
+``eval/lvis_instances_results.json``:
+- category A: every ground-truth box of A on the evaluated images, score 1 -> each is a true
+  positive at every IoU threshold, precision 1 at every recall point: AP 100;
+- category B: every box of B moved by its own width and height (IoU 0 with any box of B): no true
+  positive: AP 0;
+- category C: no detection: AP 0.
+Only the first 3 validation images are "evaluated" (``metrics.json`` ``images.ids``); A's boxes on
+the other images are not detected, so A's AP is 100 only if those images are left out, as the
+evaluation left them out.
+
+Deliberate break tried, which failed this test: the ``images.ids`` filter removed from
+``category_ap`` (A's AP came out 33.7 instead of 100: its boxes on the other images counted as
+misses). (Precision at area "small" instead of "all" did not fail it: every object of these 64 px
+images is small.)
+"""
+import json
+
+import pytest
+from detectron2.config import CfgNode
+
+from pipeline import report as rp
+from pipeline.runspec import resolve
+from pipeline.synthetic import SyntheticSpec, generate
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    data = tmp_path / "data"
+    generate(SyntheticSpec(num_train=24, num_val=8, num_classes=3, image_size=(64, 64), seed=5), data)
+    params = {"data": {"name": "synthetic", "root": str(data)}, "scale": "smoke", "detector": "cascadercnn",
+              "loss": "softmax", "seeds": [0], "train": {"device": "cpu"}}
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "run.json").write_text(resolve(params, seed=0).to_json())
+    (run / "config.yaml").write_text(CfgNode({"DATASETS": {"TEST": ["synthetic_lvis_val"]}}).dump())
+    return run, json.loads((data / "annotations" / "lvis_v1_val.json").read_text())
+
+
+def test_category_ap_from_detections_of_known_ap(run_dir):
+    run, gt = run_dir
+    evaluated = sorted(im["id"] for im in gt["images"])[:3]
+    anns = [a for a in gt["annotations"] if a["image_id"] in evaluated]
+    cats = sorted({a["category_id"] for a in anns})
+    assert len(cats) >= 2, "the fixture needs two categories with boxes on the evaluated images"
+    a_cat, b_cat = cats[0], cats[1]
+    other = [a for a in gt["annotations"] if a["image_id"] not in evaluated and a["category_id"] == a_cat]
+    assert other, "category A must also have boxes outside the evaluated images"
+    detections = [{"image_id": a["image_id"], "category_id": a_cat, "bbox": a["bbox"], "score": 1.0}
+                  for a in anns if a["category_id"] == a_cat]
+    detections += [{"image_id": a["image_id"], "category_id": b_cat, "score": 0.9,
+                    "bbox": [a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3], a["bbox"][2], a["bbox"][3]]}
+                   for a in anns if a["category_id"] == b_cat]
+    (run / "eval" / "lvis_instances_results.json").write_text(json.dumps(detections))
+    (run / "metrics.json").write_text(json.dumps({"images": {"count": 3, "ids": evaluated}}))
+
+    ap = rp.category_ap(run)
+    assert ap[a_cat] == pytest.approx(100.0)
+    assert ap[b_cat] == 0.0
+    assert set(ap) == set(cats)  # categories with ground truth on the evaluated images only
+    assert all(v == 0.0 for c, v in ap.items() if c not in (a_cat, b_cat))
+    assert json.loads((run / "eval" / "ap_by_category.json").read_text())["ap"][str(a_cat)] == pytest.approx(100.0)
+
+
+def test_figures_without_runs_say_so(tmp_path):
+    """No main run and no Table 2 results yet: each figure is written, saying what to run."""
+    rp.predictions(None, tmp_path / "p.png")
+    rp.ap_by_category({}, {}, tmp_path / "a.png")
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "a.png").stat().st_size > 0
+    assert rp.main_run_dir(tmp_path) is None
