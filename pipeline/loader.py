@@ -19,6 +19,20 @@ from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from pipeline.validate import DataError
+
+
+class ImageReadError(DataError):
+    """An image that cannot be read during training: one line naming the file. A DataLoader worker's
+    exception comes back as the same type with the worker's traceback as its message; only that
+    traceback's last line (this message) is kept."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\n" in message:
+            last = message.strip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if last.startswith(f"{__name__}.") else last
+        super().__init__(message)
+
 
 class PositionSampler(Sampler):
     """Yields (dataset index, stream position) from ``start`` on, of an infinite seeded sampler."""
@@ -47,7 +61,14 @@ class PositionSeededDataset(Dataset):
         np.random.seed(sample_seed)
         random.seed(sample_seed)
         torch.manual_seed(sample_seed)
-        return self.mapper(self.dicts[index])
+        record = self.dicts[index]
+        try:
+            return self.mapper(record)
+        except (OSError, SyntaxError) as e:  # missing, not an image, truncated; PIL: SyntaxError for a broken PNG
+            raise ImageReadError(f"{record.get('file_name')}: image {record.get('image_id')} cannot be read "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
+                                 f"`python -m pipeline.prepare` to validate "
+                                 f"the dataset again") from None
 
 
 def build_sampler(cfg, dicts: List[dict], seed: int) -> Sampler:

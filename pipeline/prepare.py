@@ -1,11 +1,13 @@
 """
 The prepare stage: ``python -m pipeline.prepare [flags]``.
 
-Reads ``params.yaml`` (``data:``); flags override it. For ``data.name: synthetic`` it generates the
-built-in dataset (see ``pipeline/synthetic.py``) under ``data/synthetic``; for ``lvis_v1`` /
-``coco_2017`` it validates the annotation files and images under ``data.root`` and writes
-``data/<name>/cat_info.json``. Either way it writes ``data/<name>/prepare.json`` (settings, counts
-and a sha256 checksum of the dataset) and the two data figures under ``reports/figures/``.
+Reads ``params.yaml`` (``data:``; the whole file is checked first, as every stage checks it); flags
+override it. For ``data.name: synthetic`` it generates the built-in dataset (see
+``pipeline/synthetic.py``) under ``data/synthetic``; for ``lvis_v1`` / ``coco_2017`` it validates the
+annotation files and opens every image under ``data.root`` (``pipeline/validate.py``; cached in
+``data/<name>/validated/``, so a second run only stats the files) and writes
+``data/<name>/cat_info.json``. Either way it writes ``data/<name>/prepare.json`` (settings, counts and
+a sha256 checksum of the dataset) and the two data figures under ``reports/figures/``.
 
 Nothing partial is left behind: the output is built in a temporary directory next to its target and
 renamed into place only when complete; on an error the previous output, if any, is untouched.
@@ -27,6 +29,8 @@ from pipeline.synthetic import SyntheticSpec, frequency_bucket
 from pipeline.validate import DataError, validate_instances
 
 FIGURES_DIR = Path("reports/figures")
+# Under a real dataset's output: which files passed validation (pipeline.validate's cache).
+VALIDATION_CACHE = "validated"
 
 
 def data_settings(params: Dict[str, Any]) -> Dict[str, Any]:
@@ -83,11 +87,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def _validate_splits(splits) -> Dict[str, Dict[str, int]]:
+def _validate_splits(splits, cache_dir: Optional[Path] = None) -> Dict[str, Dict[str, int]]:
     counts = {}
     for flavour in splits.values():
         for split in flavour:
-            counts[split.name] = validate_instances(split.json_file, split.kind, split.image_file)
+            counts[split.name] = validate_instances(split.json_file, split.kind, split.image_file, cache_dir)
     return counts
 
 
@@ -121,7 +125,10 @@ def prepare(name: str, root: Optional[Path], spec: SyntheticSpec, out: Path,
         else:
             root = Path(root) if root else datasets.default_root()
             splits = datasets.layout(name, root)
-            counts = _validate_splits(splits)
+            # The validation cache lives in the output, so it is replaced (or kept) with it.
+            if (out / VALIDATION_CACHE).is_dir():
+                shutil.copytree(out / VALIDATION_CACHE, tmp / VALIDATION_CACHE)
+            counts = _validate_splits(splits, tmp / VALIDATION_CACHE)
             train_json = splits.get("lvis", splits.get("coco"))[0].json_file
             (tmp / "cat_info.json").write_text(json.dumps(cat_info_from(train_json)))
             summary = {}

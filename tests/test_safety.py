@@ -4,6 +4,8 @@ Failing safely on bad input (issue 17): malformed params files, names and synthe
 Each test feeds a hand-made bad input to a stage's command line and checks that it stops before any
 work with exit code 1 and one line naming the file given and the key.
 """
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,165 @@ def test_synthetic_size_flags_are_bounded(tmp_path, monkeypatch, capsys, flags, 
     code, err = _prepare(P.PARAMS_FILE, capsys, *flags)
     assert code == 1 and err == f"error: {problem}", err
     assert not (tmp_path / "data").exists()
+
+
+# --- 5. data that is not what it says -------------------------------------------------------------
+
+def _tiny_lvis(root: Path, fmt: str = "PNG") -> Path:
+    """A hand-made LVIS v1 layout: 3 categories (ids 1..3), per split 3 images of 64x48 (solid grey,
+    written by PIL) and one box each. ``fmt`` PNG or JPEG."""
+    from PIL import Image
+
+    ext = "png" if fmt == "PNG" else "jpg"
+    (root / "lvis").mkdir(parents=True)
+    cats = [{"id": k, "name": f"c{k}", "frequency": "r", "synset": f"c{k}.n.01"} for k in (1, 2, 3)]
+    for split in ("train", "val"):
+        (root / "coco" / f"{split}2017").mkdir(parents=True)
+        images, anns = [], []
+        for k in (1, 2, 3):
+            Image.new("RGB", (64, 48), (k * 40, 90, 90)).save(root / "coco" / f"{split}2017" / f"{k:012d}.{ext}", fmt)
+            images.append({"id": k, "width": 64, "height": 48, "neg_category_ids": [],
+                           "not_exhaustive_category_ids": [],
+                           "coco_url": f"http://images.example.org/{split}2017/{k:012d}.{ext}"})
+            anns.append({"id": k, "image_id": k, "category_id": k, "bbox": [4.0, 4.0, 20.0, 10.0], "area": 200.0,
+                         "segmentation": [[4, 4, 24, 4, 24, 14, 4, 14]]})
+        (root / "lvis" / f"lvis_v1_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _prepare_lvis(root: Path, capsys, *flags):
+    return _exit(prep.main, ["--name", "lvis_v1", "--root", str(root), "--no-figures", *flags], capsys)
+
+
+def _truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+@pytest.mark.parametrize("fmt, damage, field, problem", [
+    ("PNG", lambda r, im: im.write_text("not an image\n"), "coco_url", "is not an image (no known image header)"),
+    # 100 bytes of a PNG hold its signature and IHDR (size 64x48) but not its IDAT/IEND chunks.
+    ("PNG", lambda r, im: _truncate(im, 100), "coco_url", "is damaged or truncated"),
+    # A JPEG without its last 10 bytes keeps its header; its end-of-image marker FF D9 is gone.
+    ("JPEG", lambda r, im: _truncate(im, len(im.read_bytes()) - 10), "coco_url",
+     "is truncated (no JPEG end-of-image marker)"),
+    ("PNG", lambda r, im: _edit_json(r / "lvis" / "lvis_v1_val.json",
+                                     lambda d: d["images"][1].__setitem__("width", 65)),
+     "coco_url", "is 64x48, the record says 65x48"),
+])
+def test_prepare_opens_every_image(tmp_path, monkeypatch, capsys, fmt, damage, field, problem):
+    """val image 2 (images[1]) damaged four ways: each gets one line naming the JSON, the record,
+    the field and the image file, exit 1 and no output. Broken deliberately: with only the
+    ``os.path.isfile`` check (as before), all four prepared with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    root = _tiny_lvis(tmp_path / "datasets", fmt)
+    image = next((root / "coco" / "val2017").glob("000000000002.*"))
+    damage(root, image)
+    code, err = _prepare_lvis(root, capsys)
+    assert code == 1
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: {root / 'lvis' / 'lvis_v1_val.json'}: images[1] (id 2): field '{field}': "
+                           f"image file {image} "), line
+    assert problem in line, line
+    assert not (tmp_path / "data" / "lvis_v1").exists()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda d: d.__setitem__("images", []), "field 'images': empty list (a split needs at least one image)"),
+    # Category 3 renumbered 998 (and its annotation): 998 is outside 1..3, which detectron2 maps to classes 0..2.
+    (lambda d: (d["categories"][2].__setitem__("id", 998), d["annotations"][2].__setitem__("category_id", 998)),
+     "categories[2] (id 998): field 'id': 998 is outside 1..3 (LVIS numbers its N categories 1..N)"),
+])
+def test_prepare_refuses_an_empty_split_and_category_ids_out_of_range(tmp_path, monkeypatch, capsys, edit, problem):
+    """Broken deliberately: without the two checks, both prepared with exit 0 (0 images; a category
+    training then refused with ``Got an invalid category_id=998 for a dataset of 3 classes``)."""
+    monkeypatch.chdir(tmp_path)
+    root = _tiny_lvis(tmp_path / "datasets")
+    _edit_json(root / "lvis" / "lvis_v1_train.json", edit)
+    code, err = _prepare_lvis(root, capsys)
+    assert code == 1 and err == f"error: {root / 'lvis' / 'lvis_v1_train.json'}: {problem}", err
+
+
+def test_validation_is_cached_on_size_and_mtime(tmp_path, monkeypatch, capsys):
+    """First run opens all 6 images (3 per split); a second run opens none; after one image's
+    modification time changes, only that one is opened again. Counted by wrapping
+    ``validate.check_image``. Broken deliberately: with both cache lookups removed, the second run
+    opened the images again and this test failed."""
+    from pipeline import validate
+
+    monkeypatch.chdir(tmp_path)
+    root = _tiny_lvis(tmp_path / "datasets")
+    opened = []
+    real = validate.check_image
+    monkeypatch.setattr(validate, "check_image", lambda f, w, h: opened.append(f) or real(f, w, h))
+    monkeypatch.setattr(validate, "PLAIN_PROGRESS_MIN", 1)  # progress lines without a terminal
+    prep.main(["--name", "lvis_v1", "--root", str(root), "--no-figures"])
+    assert len(opened) == 6
+    assert "checking the images of lvis_v1_train.json: 3/3 images" in capsys.readouterr().err
+    opened.clear()
+    prep.main(["--name", "lvis_v1", "--root", str(root), "--no-figures"])
+    assert opened == []
+    image = root / "coco" / "train2017" / "000000000003.png"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    prep.main(["--name", "lvis_v1", "--root", str(root), "--no-figures"])
+    assert opened == [str(image)]
+
+
+def test_images_are_checked_by_a_process_pool_and_the_first_bad_one_is_named(tmp_path, monkeypatch):
+    """With a pool of 2 processes and one image per task, images[1] and images[2] both bad: the
+    message names images[1] (the lowest index), whichever process finishes first. Broken
+    deliberately: with the pool replaced by a plain loop, ``ProcessPoolExecutor`` was not called and
+    the assertion on ``pools`` failed."""
+    from pipeline import validate
+
+    root = _tiny_lvis(tmp_path / "datasets")
+    for k in (2, 3):
+        (root / "coco" / "val2017" / f"{k:012d}.png").write_text("text")
+    monkeypatch.setattr(validate, "CHUNK", 1)
+    monkeypatch.setattr(validate, "MIN_PARALLEL", 1)
+    monkeypatch.setattr(validate, "_workers", lambda: 2)
+    pools = []
+    real_pool = validate.ProcessPoolExecutor
+    monkeypatch.setattr(validate, "ProcessPoolExecutor", lambda n: pools.append(n) or real_pool(n))
+    split = datasets_layout(root)["lvis"][1]
+    with pytest.raises(validate.DataError, match=r"images\[1\] \(id 2\): field 'coco_url': image file .*000000000002"):
+        validate.validate_instances(split.json_file, "lvis", split.image_file)
+    assert pools == [2]
+
+
+def datasets_layout(root: Path):
+    from pipeline import datasets
+
+    return datasets.layout("lvis_v1", root)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_names_an_image_that_broke_after_validation(tmp_path, workers):
+    """An image truncated after prepare: the training data loader (detectron2's DatasetMapper
+    inside ``PositionSeededDataset``) raises one line naming the file, in the process and from a
+    worker process. Broken deliberately: without the wrapper the error was
+    ``OSError: image file is truncated`` (in the process) and ``OSError: Caught OSError in DataLoader
+    worker process 0`` followed by a traceback (from a worker), neither naming the file."""
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetMapper
+    from torch.utils.data import DataLoader
+
+    from pipeline.loader import ImageReadError, PositionSeededDataset
+
+    root = _tiny_lvis(tmp_path / "datasets")
+    image = root / "coco" / "train2017" / "000000000001.png"
+    _truncate(image, 100)
+    dicts = [{"file_name": str(image), "image_id": 1, "height": 48, "width": 64, "annotations": []}]
+    dataset = PositionSeededDataset(dicts, DatasetMapper(get_cfg(), is_train=True), seed=0)
+    loader = DataLoader(dataset, batch_size=None, sampler=[(0, 0)], num_workers=workers)
+    with pytest.raises(ImageReadError) as exc:
+        next(iter(loader))
+    message = str(exc.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"{image}: image 1 cannot be read ("), message
