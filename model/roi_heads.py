@@ -15,8 +15,10 @@ from .point_rend import CN2PointRendMaskHead
 
 def combine_scores(cls_probs: torch.Tensor, proposal_scores: torch.Tensor) -> torch.Tensor:
     """
-    The CenterNet2 test-time score (report section 4): the geometric mean of the first-stage
-    proposal score p and the cascade's classification score s, sqrt(p * s).
+    The CenterNet2 test-time score (report section 4; official CustomCascadeROIHeads): the
+    geometric mean of the proposal score and the cascade's classification score s. The agnostic
+    CenterNet's proposal score is already sqrt(heatmap probability p) (official
+    predict_single_level), so the final score is (s * sqrt(p))^0.5.
 
     Args:
         cls_probs: (R, C + 1) classification probabilities; proposal_scores: (R,) in [0, 1].
