@@ -10,13 +10,16 @@ annotation files and opens every image under ``data.root`` (``pipeline/validate.
 a sha256 checksum of the dataset) and the two data figures under ``reports/figures/``.
 
 Nothing partial is left behind: the output is built in a temporary directory next to its target and
-renamed into place only when complete; on an error the previous output, if any, is untouched.
+renamed into place only when complete; on an error, Ctrl-C or SIGTERM the temporary directory is
+removed and the previous output, if any, is untouched. An existing output directory is replaced only
+when it holds an earlier run's ``prepare.json`` (``--force``: whatever it holds).
 """
 import argparse
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -76,15 +79,29 @@ def cat_info_from(lvis_or_coco_json: Path) -> list:
             for c in sorted(data["categories"], key=lambda c: c["id"])]
 
 
+def check_replaceable(out: Path, force: bool = False) -> None:
+    """Refuse to replace ``out`` unless it is absent, empty, or an earlier prepare's output (it holds
+    ``prepare.json``); ``force`` replaces any directory."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise P.ParamError(f"--out {out}: exists and is not a directory; refusing to replace it")
+    if force or (out / "prepare.json").is_file() or not any(out.iterdir()):
+        return
+    raise P.ParamError(f"--out {out}: exists and holds no prepare.json (not an earlier prepare's output); "
+                       f"refusing to replace it: move it away, or pass --force to replace it")
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    """Rename ``tmp`` to ``out``; a previous ``out`` goes into a fresh private directory first, then is
+    deleted (a name chosen by mkdtemp: a pre-existing ``.<out>.old`` is never touched)."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        if out.exists() or out.is_symlink():
+            out.rename(old / out.name)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _validate_splits(splits, cache_dir: Optional[Path] = None) -> Dict[str, Dict[str, int]]:
@@ -106,12 +123,14 @@ def _figures(splits, cat_info: Path, figures_dir: Path) -> None:
 
 
 def prepare(name: str, root: Optional[Path], spec: SyntheticSpec, out: Path,
-            figures_dir: Optional[Path] = FIGURES_DIR) -> Dict[str, Any]:
-    """Build ``out`` (see module docstring); returns what is written to ``out/prepare.json``."""
+            figures_dir: Optional[Path] = FIGURES_DIR, force: bool = False) -> Dict[str, Any]:
+    """Build ``out`` (see module docstring); returns what is written to ``out/prepare.json``. An
+    existing ``out`` is replaced only when :func:`check_replaceable` allows it."""
     from pipeline import datasets
 
     start = time.time()
     out = Path(out)
+    check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -195,13 +214,20 @@ def with_flags(params: Dict[str, Any], args: argparse.Namespace) -> Dict[str, An
     return params
 
 
+def _terminated(signum, frame):
+    print("error: terminated (SIGTERM); the partial output was removed", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[1])
     parser.add_argument("--params", type=Path, default=P.PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("--synthetic", action="store_true", help="the built-in synthetic dataset (data.name=synthetic)")
     parser.add_argument("--name", choices=P.DATASETS, help="data.name")
     parser.add_argument("--root", type=Path, help="data.root: detectron2 dataset root for lvis_v1/coco_2017")
-    parser.add_argument("--out", type=Path, help="output directory (default: data/<name>)")
+    parser.add_argument("--out", type=Path, help="output directory (default: data/<name>); an existing one is "
+                        "replaced only when it holds an earlier prepare's prepare.json")
+    parser.add_argument("--force", action="store_true", help="replace --out whatever it holds")
     parser.add_argument("--num-train", type=int, help="data.synthetic.num_train")
     parser.add_argument("--num-val", type=int, help="data.synthetic.num_val")
     parser.add_argument("--num-classes", type=int, help="data.synthetic.num_classes")
@@ -215,8 +241,13 @@ def main(argv=None) -> None:
         P.check(params, args.params)  # the whole file, as every stage checks it
         settings = data_settings(with_flags(params, args))
         out = args.out or output_dir(settings["name"])
-        record = prepare(settings["name"], settings["root"], settings["spec"], out,
-                         None if args.no_figures else args.figures)
+        # A SIGTERM (kill, Slurm, a CI timeout) unwinds like Ctrl-C: the temporary output is removed.
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            record = prepare(settings["name"], settings["root"], settings["spec"], out,
+                             None if args.no_figures else args.figures, force=args.force)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except (P.ParamError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -323,3 +323,54 @@ def test_loader_names_an_image_that_broke_after_validation(tmp_path, workers):
     message = str(exc.value)
     assert len(message.splitlines()) == 1, message
     assert message.startswith(f"{image}: image 1 cannot be read ("), message
+
+
+# --- 7. untrusted paths ---------------------------------------------------------------------------
+
+def test_prepare_out_replaces_only_an_earlier_output(tmp_path, monkeypatch, capsys):
+    """``--out`` holding a user's file is refused (exit 1, file intact); ``--force`` replaces it; an
+    earlier output (with prepare.json) is replaced without --force; a pre-existing ``.out.old``
+    with a user's file survives. Broken deliberately: with the old ``_swap_into_place`` (rename to
+    ``.out.old``, then delete it) and no check, prepare replaced the user's directory with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    root = _tiny_lvis(tmp_path / "datasets")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    (tmp_path / ".out.old").mkdir()
+    (tmp_path / ".out.old" / "keep.txt").write_text("mine")
+    code, err = _prepare_lvis(root, capsys, "--out", str(out))
+    assert code == 1
+    assert err == (f"error: --out {out}: exists and holds no prepare.json (not an earlier prepare's output); "
+                   "refusing to replace it: move it away, or pass --force to replace it")
+    assert (out / "thesis.tex").read_text() == "years of work"
+    prep.main(["--name", "lvis_v1", "--root", str(root), "--no-figures", "--out", str(out), "--force"])
+    assert (out / "prepare.json").is_file() and not (out / "thesis.tex").exists()
+    prep.main(["--name", "lvis_v1", "--root", str(root), "--no-figures", "--out", str(out)])  # an earlier output
+    assert (out / "prepare.json").is_file()
+    assert (tmp_path / ".out.old" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", "datasets", "out"]  # no temp dirs left
+
+
+def test_sigterm_removes_the_partial_output(tmp_path):
+    """SIGTERM while the synthetic set is being generated (2000 images: tens of seconds): the process
+    exits with 143 (128 + SIGTERM), no ``.out.tmp-*`` directory is left and ``out`` was never
+    created. Broken deliberately: without the SIGTERM handler the process died with -15 (no
+    clean-up ran)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", "--synthetic", "--num-train", "2000",
+                             "--no-figures", "--out", str(out)], cwd=P.ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*/images")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".out.tmp-*")), "generation did not start"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); the partial output was removed"
+    assert list(tmp_path.iterdir()) == []
