@@ -13,9 +13,9 @@ speed does not depend on them. Use it to plan: which rows fit a laptop, which ne
 """
 import argparse
 import json
-import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,18 +69,25 @@ def _rows(scale: str, device: str, num_classes: int, table3: bool):
         yield f"+{step}", get_model_cfg("centernet2_agnostic", scale, num_classes, base, switches=steps)
 
 
-def _uniform_freq(num_classes: int) -> str:
-    """A cat_info.json for the federated loss's sampling (uniform image counts)."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"cn2-bench-cat-info-{num_classes}.json"
+def _uniform_freq(num_classes: int, directory: Path) -> str:
+    """A cat_info.json for the federated loss's sampling (uniform image counts), in ``directory``."""
+    path = Path(directory) / "cat_info.json"
     path.write_text(json.dumps([{"id": i + 1, "image_count": 10} for i in range(num_classes)]))
     return str(path)
 
 
 def run(scale: str, batch: int, iters: int, device: str, num_classes: int, table3: bool,
         schedule: int = None) -> dict:
+    # A private directory (mkdtemp: 0700, a fresh name): no predictable file in a shared $TMPDIR.
+    with tempfile.TemporaryDirectory(prefix="cn2-bench-") as tmp:
+        return _measure(scale, batch, iters, device, num_classes, table3, schedule,
+                        _uniform_freq(num_classes, Path(tmp)))
+
+
+def _measure(scale: str, batch: int, iters: int, device: str, num_classes: int, table3: bool,
+             schedule: int, freq: str) -> dict:
     gen = torch.Generator().manual_seed(0)
     rows = {}
-    freq = _uniform_freq(num_classes)
     base_iters = get_model_cfg("centernet2_agnostic", scale).SOLVER.MAX_ITER  # the scale's schedule
     for name, cfg in _rows(scale, device, num_classes, table3):
         cfg.defrost()

@@ -18,6 +18,7 @@ from scipy import stats
 
 from pipeline import params as P
 from pipeline.atomic import write_text
+from pipeline.paths import inside
 from pipeline.runspec import study_rows
 from pipeline.stage import RESULTS, params_main
 
@@ -80,7 +81,7 @@ def collect(params: Dict[str, Any]) -> Dict[str, Any]:
     """Per study and row: mean/std/n of each metric over the row's current seeds (None: not run)."""
     summary = {}
     for study in params.get("studies") or {}:
-        results_file = RESULTS / "studies" / f"{study}.json"
+        results_file = inside(RESULTS / "studies", f"{study}.json")
         results = json.loads(results_file.read_text())["rows"] if results_file.is_file() else {}
         rows = {}
         for name, merged in study_rows(params, study).items():

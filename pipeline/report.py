@@ -32,9 +32,10 @@ import yaml  # noqa: E402
 from pipeline import params as P  # noqa: E402
 from pipeline.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect  # noqa: E402
 from pipeline.atomic import save_figure, write_text  # noqa: E402
+from pipeline.paths import inside  # noqa: E402
 from pipeline.runspec import RunSpec, study_rows  # noqa: E402
 from pipeline.stage import RESULTS, params_main  # noqa: E402
-from pipeline.tracking import tracking_uri  # noqa: E402
+from pipeline.tracking import filter_value, redact_uri, tracking_uri  # noqa: E402
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
@@ -240,14 +241,16 @@ def runs_table(summary, uri: str) -> str:
     ids: List[tuple] = [(study, row, seed, run_id) for study, rows in summary.items() for row, r in rows.items()
                         if r for seed, run_id in r["mlflow_run_ids"].items() if run_id]
     lines = ["# MLflow runs behind the tables", "",
-             f"Tracking store: `{uri}`. Open it with `mlflow ui --backend-store-uri {uri}`.", "",
+             # Credentials in the URI stay out of this file (DVC and git track it).
+             f"Tracking store: `{redact_uri(uri)}`. Open it with `mlflow ui --backend-store-uri {redact_uri(uri)}`.",
+             "",
              "| study | row | seed | MLflow run id | box AP (MLflow) |", "|---|---|---|---|---|"]
     if not ids:
         return "\n".join(lines + ["", "No runs yet."]) + "\n"
     mlflow.set_tracking_uri(uri)
     found = mlflow.search_runs(search_all_experiments=True,
                                filter_string="attributes.run_id IN ({})".format(
-                                   ", ".join(f"'{i}'" for *_, i in ids)))
+                                   ", ".join(filter_value(i) for *_, i in ids)))
     ap = dict(zip(found["run_id"], found.get("metrics.bbox/AP", [None] * len(found))))
     for study, row, seed, run_id in ids:
         value = ap.get(run_id)
@@ -261,7 +264,7 @@ def report(params) -> None:
     paper = yaml.safe_load(PAPER.read_text())
     results = {}
     for study in summary:
-        f = RESULTS / "studies" / f"{study}.json"
+        f = inside(RESULTS / "studies", f"{study}.json")
         results[study] = json.loads(f.read_text())["rows"] if f.is_file() else {}
     ap_bars(params, summary, FIGURES / "ap_rcf.png")
     loss_curves(params, results, FIGURES / "loss_curves.png")

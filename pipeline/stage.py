@@ -26,6 +26,7 @@ from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.evaluate import METRICS_FILE, eval_dir
 from pipeline.launch import main_guard, run_all
+from pipeline.paths import inside
 from pipeline.runspec import RunSpec, resolve, study_specs
 from pipeline.tracking import RUN_ID_FILE, Tracker, repo_root
 
@@ -184,7 +185,7 @@ def _write_curve(specs: List[RunSpec], path: Path) -> None:
 
 def stage_study(params: Dict[str, Any], study: str) -> Path:
     groups = study_specs(params, study)
-    out = RESULTS / "studies" / f"{study}.json"
+    out = inside(RESULTS / "studies", f"{study}.json")
     _write(out, {"study": study, "rows": _execute(groups, params, study)})
     return out
 

@@ -24,6 +24,7 @@ from filelock import FileLock
 
 from pipeline.atomic import write_text
 from pipeline.params import ROOT
+from pipeline.paths import inside
 
 RUN_ID_FILE = "mlflow_run_id"
 TAG_ABLATION = "cn2.ablation"
@@ -52,6 +53,31 @@ def _lock_path(uri: str) -> str:
     if "://" not in uri:  # a file store directory
         return str(Path(uri).resolve()) + ".lock"
     return str(repo_root() / ".mlflow.lock")
+
+
+def redact_uri(uri: Optional[str]) -> Optional[str]:
+    """``uri`` without the user name and password (token) of its network location, for what is
+    written to files: ``https://user:token@host/x`` -> ``https://host/x``."""
+    if not uri or "@" not in uri:
+        return uri
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def filter_value(value) -> str:
+    """``value`` quoted for an MLflow search filter. MLflow takes a quoted string as it is (it does not
+    unescape), so the quote used is one the value does not hold; a value holding both quotes or a
+    backslash is refused."""
+    value = str(value)
+    if "\\" not in value:
+        for quote in ("'", '"'):
+            if quote not in value:
+                return f"{quote}{value}{quote}"
+    raise ValueError(f"{value!r} cannot be searched for in MLflow: it holds both quote characters or a backslash")
 
 
 def git_commit() -> str:
@@ -86,7 +112,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = (repo_root() / "mlruns" / name).as_uri() if "://" not in self.uri or \
+        location = inside(repo_root() / "mlruns", name).as_uri() if "://" not in self.uri or \
             self.uri.startswith("sqlite") else None
         return self.client.create_experiment(name, artifact_location=location)
 
@@ -96,7 +122,7 @@ class Tracker:
 
     def _parent(self, experiment_id: str, ablation: str):
         parent = self._find(experiment_id,
-                            f"tags.`{TAG_ABLATION}` = '{ablation}' and tags.`mlflow.parentRunId` IS NULL")
+                            f"tags.`{TAG_ABLATION}` = {filter_value(ablation)} and tags.`mlflow.parentRunId` IS NULL")
         if parent is None:
             parent = self.client.create_run(experiment_id, run_name=ablation, tags={TAG_ABLATION: ablation})
         return parent
@@ -136,7 +162,7 @@ class Tracker:
                 return self.run_id
             exp = self._experiment(study)
             parent_id = self._parent(exp, ablation).info.run_id
-            child = self._find(exp, f"tags.`{TAG_RUN_DIR}` = '{run_dir}'")
+            child = self._find(exp, f"tags.`{TAG_RUN_DIR}` = {filter_value(run_dir)}")
             if child is None:
                 child = self.client.create_run(exp, run_name=f"{ablation}/seed{seed}", tags={
                     "mlflow.parentRunId": parent_id, TAG_ABLATION: ablation, TAG_RUN_DIR: str(run_dir),

@@ -374,3 +374,86 @@ def test_sigterm_removes_the_partial_output(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM); the partial output was removed"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_paths_stay_inside_their_directory(tmp_path):
+    """``paths.inside`` (used for results/studies/<study>.json and MLflow's mlruns/<experiment>): a
+    plain name passes; '..', an absolute path and a symbolic link out of the directory are refused.
+    Broken deliberately: with ``inside`` returning ``directory / name`` unchecked, the three
+    ``raises`` failed."""
+    from pipeline.paths import UnsafePath, inside
+
+    studies = tmp_path / "results" / "studies"
+    studies.mkdir(parents=True)
+    assert inside(studies, "table1.json") == studies / "table1.json"
+    (studies / "link").symlink_to(tmp_path)
+    for name in ("../../x.json", "/abs/x.json", "link/x.json"):
+        with pytest.raises(UnsafePath, match="outside"):
+            inside(studies, name)
+
+
+def test_tracking_uri_credentials_are_not_written(tmp_path):
+    """``redact_uri`` drops user and token, keeps host, port and path (worked by hand from RFC 3986's
+    ``userinfo@host``); ``reports/runs.md``'s text holds no token. Broken deliberately: with
+    runs_table writing ``uri`` as given, the token appeared in its text."""
+    from pipeline.report import runs_table
+    from pipeline.tracking import redact_uri
+
+    assert redact_uri("https://alice:s3cret@mlflow.example.org:5000/x?y=1") == "https://mlflow.example.org:5000/x?y=1"
+    assert redact_uri("http://token@host/") == "http://host/"
+    assert redact_uri("sqlite:////repo/mlflow.db") == "sqlite:////repo/mlflow.db"
+    assert redact_uri(None) is None
+    text = runs_table({}, "https://alice:s3cret@mlflow.example.org")
+    assert "s3cret" not in text and "alice" not in text and "https://mlflow.example.org" in text
+
+
+def test_mlflow_filters_quote_names_safely(tmp_path):
+    """A parent run named ``row'; x`` (a quote: it broke the f-string filter) is created once and
+    found again by the second lookup. Broken deliberately: with the old ``'{ablation}'`` filter the
+    second lookup raised MlflowException (invalid filter)."""
+    from pipeline.tracking import Tracker, filter_value
+
+    assert filter_value("a'b") == '"a\'b"' and filter_value('a"b') == "'a\"b'"
+    with pytest.raises(ValueError):
+        filter_value("a'\"b")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracker._experiment("main")
+    first = tracker._parent(exp, "row'; x").info.run_id
+    assert tracker._parent(exp, "row'; x").info.run_id == first
+
+
+def test_slurm_profile_names_only_slurm_dir_or_an_explicit_path(tmp_path, monkeypatch):
+    """A ``local.yaml`` in the working directory (its ``setup`` would run as shell) is not taken for
+    the bare name ``local.yaml``: slurm/local.yaml is; ``./local.yaml`` (a path) takes the local one.
+    Broken deliberately: with the old lookup (the working directory first) the planted file won."""
+    from pipeline.launch import SLURM_DIR, load_profile
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local.yaml").write_text("setup: ['touch /tmp/pwned']\n")
+    assert load_profile("local.yaml") == yaml.safe_load((SLURM_DIR / "local.yaml").read_text())
+    assert load_profile("./local.yaml") == {"setup": ["touch /tmp/pwned"]}
+    with pytest.raises(P.ParamError, match="not found"):
+        load_profile("nosuch.yaml")
+
+
+def test_train_speed_writes_no_predictable_temp_file(tmp_path, monkeypatch):
+    """A symbolic link planted at the old name ``$TMPDIR/cn2-bench-cat-info-3.json`` is not written
+    through, and nothing is left in $TMPDIR. Broken deliberately: with the old ``_uniform_freq`` the
+    victim file was overwritten with the category list."""
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("train_speed", P.ROOT / "benchmarks" / "train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    (tmpdir / "cn2-bench-cat-info-3.json").symlink_to(victim)
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    monkeypatch.setattr(bench, "_rows", lambda *a: iter(()))  # no model: only the set-up runs
+    bench.run("smoke", 1, 1, "cpu", 3, False)
+    assert victim.read_text() == "precious"
+    assert [p.name for p in tmpdir.iterdir()] == ["cn2-bench-cat-info-3.json"]
