@@ -10,6 +10,8 @@ Beside the time, each model's GFLOPs on the first image (detectron2's ``FlopCoun
 counts one flop per multiply-add, i.e. GMACs, over convolutions, linear layers and the like; the
 count depends on the image only through how many candidates reach the RoI heads). ``--no-flops``
 skips it.
+``--exported`` also times each model exported by ``pipeline/export.py`` (TorchScript, and ONNX run by
+onnxruntime on the CPU), traced on the first image; a model that cannot be exported gets the reason.
 ``--input synthetic`` uses the synthetic scale's models at 160x160; ``coco`` the report's models
 (R50, FPN P3-P7) at 800x1216 (a COCO-sized, 32-divisible input). Weights are random: speed does not
 depend on them, except through how many candidates pass the score threshold, which is why every
@@ -96,6 +98,43 @@ def gflops(model, image: torch.Tensor, device: str) -> float:
         return analysis.total() / 1e9
 
 
+def time_exported(model, cfg, images, device: str, warmup: int) -> dict:
+    """
+    Median ms/image of ``model`` exported to TorchScript and to ONNX (``pipeline.export``: the
+    detector with its pre- and post-processing, traced on ``images[0]``), on the same images as the
+    PyTorch model. ``{fmt}_ms`` per format, or ``{fmt}_error`` with the reason it was not timed.
+    """
+    import tempfile
+
+    from pipeline import export as ex
+
+    out = {}
+    for fmt in ex.FORMATS:
+        reason = ex.refusal(cfg, fmt)
+        if fmt == "onnx" and device != "cpu":
+            reason = "onnxruntime is installed as its CPU wheel"
+        if reason:
+            out[f"{fmt}_error"] = reason
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = ex.export_model(model, images[0].float().to(device), fmt, Path(tmp) / f"m{ex.FORMATS[fmt]}")
+                run = ex.load_exported(path, device)
+                times = []
+                for i, image in enumerate(images):
+                    image = image.float().to(device)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    run(image)  # returns host arrays: the copy back is part of the time, as for a user
+                    if i >= warmup:
+                        times.append((time.perf_counter() - start) * 1000)
+                out[f"{fmt}_ms"] = round(statistics.median(times), 2)
+            except Exception as e:  # an export or a run that fails is reported, not fatal
+                out[f"{fmt}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    return out
+
+
 def _models(scale: str, device: str, num_classes: int, table3: bool):
     """(row name, config) pairs: the four detectors, or the cumulative Table 3 steps."""
     if not table3:
@@ -112,7 +151,7 @@ def _models(scale: str, device: str, num_classes: int, table3: bool):
 
 
 def run(input_name: str, n_images: int, warmup: int, devices, num_classes: int = 80, table3: bool = False,
-        flops: bool = True) -> dict:
+        flops: bool = True, exported: bool = False) -> dict:
     scale, (h, w) = INPUTS[input_name]
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for _ in range(n_images + warmup)]
@@ -123,12 +162,13 @@ def run(input_name: str, n_images: int, warmup: int, devices, num_classes: int =
         for name, cfg in _models(scale, device, num_classes, table3):
             torch.manual_seed(0)
             model = build_model(cfg).eval()
+            timed_exports = time_exported(model, cfg, images, device, warmup) if exported else {}
             if cfg.TEST.AUG.ENABLED:
                 from detectron2.modeling import GeneralizedRCNNWithTTA
 
                 model = GeneralizedRCNNWithTTA(cfg, model)
             rows[name] = {"ms_per_image": round(measure(model, images, device, warmup), 2),
-                          "proposals": proposals_to_heads(cfg)}
+                          "proposals": proposals_to_heads(cfg), **timed_exports}
             if flops and device == devices[0]:  # the count does not depend on the device
                 rows[name]["gflops"] = round(gflops(model, images[0], device), 1)
             print(f"  measured {name} on {device}: {rows[name]['ms_per_image']:.1f} ms/image"
@@ -136,6 +176,13 @@ def run(input_name: str, n_images: int, warmup: int, devices, num_classes: int =
         name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         result["devices"][device] = {"device": name, "detectors": rows}
     return result
+
+
+def _exported_columns(row: dict) -> str:
+    """The TorchScript / ONNX ms columns; '-' where not timed (the reason is in the JSON and below)."""
+    cells = [f"{row[f'{fmt}_ms']:.1f}" if f"{fmt}_ms" in row else "-" for fmt in ("torchscript", "onnx")]
+    reasons = "; ".join(f"{fmt}: {row[f'{fmt}_error']}" for fmt in ("torchscript", "onnx") if f"{fmt}_error" in row)
+    return f"{cells[0]:>16}{cells[1]:>10}" + (f"\n{'':<22}({reasons})" if reasons else "")
 
 
 def main(argv=None):
@@ -149,20 +196,25 @@ def main(argv=None):
     parser.add_argument("--table3", action="store_true",
                         help="rows: CenterNet2-agnostic and each Table 3 step added cumulatively")
     parser.add_argument("--no-flops", action="store_true", help="skip the GFLOPs count")
+    parser.add_argument("--exported", action="store_true",
+                        help="also time the TorchScript and ONNX exports (pipeline/export.py)")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if not devices:
         parser.error("--device cuda: no CUDA device visible")
-    result = run(args.input, args.images, args.warmup, devices, table3=args.table3, flops=not args.no_flops)
+    result = run(args.input, args.images, args.warmup, devices, table3=args.table3, flops=not args.no_flops,
+                 exported=args.exported)
     for block in result["devices"].values():
         rows = block["detectors"]
         print(f"\n{block['device']}, input {result['input_size'][0]}x{result['input_size'][1]}, batch 1, "
               f"median of {args.images} images")
-        print(f"{'detector':<22}{'ms/image':>10}{'GFLOPs':>9}{'proposals':>11}")
+        print(f"{'detector':<22}{'ms/image':>10}{'GFLOPs':>9}{'proposals':>11}"
+              + (f"{'TorchScript ms':>16}{'ONNX ms':>10}" if args.exported else ""))
         for name, row in rows.items():
             flops = f"{row['gflops']:>9.1f}" if "gflops" in row else f"{'-':>9}"
-            print(f"{name:<22}{row['ms_per_image']:>10.1f}{flops}{row['proposals']:>11}")
+            print(f"{name:<22}{row['ms_per_image']:>10.1f}{flops}{row['proposals']:>11}"
+                  + (_exported_columns(row) if args.exported else ""))
         if "cascadercnn" in rows:
             ratio = rows["centernet2_agnostic"]["ms_per_image"] / rows["cascadercnn"]["ms_per_image"]
             print(f"CenterNet2-agnostic / CascadeRCNN = {ratio:.2f} (report: 60/70 = 0.86; target <= 0.80)")

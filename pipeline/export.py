@@ -125,21 +125,16 @@ def sample_image(predictor: Predictor, run_dir: Path, image: Optional[Path]) -> 
     return predictor.inputs(array)["image"].to(predictor.cfg.MODEL.DEVICE), str(image)
 
 
-def export(run_dir: Path, fmt: str, out: Optional[Path] = None, image: Optional[Path] = None,
-           device: str = "cpu") -> Path:
-    """Write the exported model to ``out`` (default ``DIR/exported/model<ext>``) and, beside it,
-    ``<out>.json`` (input size and format, output names, categories). Returns ``out``."""
-    if fmt not in FORMATS:
-        raise RunError(f"--format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    run_dir = Path(run_dir)
-    predictor = Predictor(run_dir, device)
-    reason = refusal(predictor.cfg, fmt)
-    if reason:
-        raise RunError(f"cannot export {run_dir} to {fmt}: {reason}")
-    out = Path(out) if out else run_dir / "exported" / f"model{FORMATS[fmt]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensor, source = sample_image(predictor, run_dir, image)
-    adapter = tracing_adapter()(predictor.model, (tensor,), detections)
+def export_model(model: torch.nn.Module, image: torch.Tensor, fmt: str, out: Path) -> Path:
+    """
+    Trace ``model`` (eval mode) on ``image`` (3, H, W) float32 and write it to ``out`` as ``fmt``
+    (complete or not at all). Raises RuntimeError with one line (the exporter's, naming what it
+    could not convert) when that fails.
+    """
+    # In eval mode: torch.onnx.export puts the module it gets back in the mode it found it in, and a
+    # new module (the adapter) is in training mode, which would leave ``model`` training.
+    adapter = tracing_adapter()(model, (image,), detections).eval()
+    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     try:
         with warnings.catch_warnings(), torch.no_grad(), traceable():
@@ -154,8 +149,29 @@ def export(run_dir: Path, fmt: str, out: Optional[Path] = None, image: Optional[
     except Exception as e:  # the exporter's own message names the op it could not convert
         tmp.unlink(missing_ok=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise RunError(f"cannot export {run_dir} to {fmt}: {type(e).__name__}: {first}") from None
+        raise RuntimeError(f"{type(e).__name__}: {first}") from None
     tmp.replace(out)
+    return out
+
+
+def export(run_dir: Path, fmt: str, out: Optional[Path] = None, image: Optional[Path] = None,
+           device: str = "cpu") -> Path:
+    """Write the exported model to ``out`` (default ``DIR/exported/model<ext>``) and, beside it,
+    ``<out>.json`` (input size and format, output names, categories). Returns ``out``."""
+    if fmt not in FORMATS:
+        raise RunError(f"--format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    predictor = Predictor(run_dir, device)
+    reason = refusal(predictor.cfg, fmt)
+    if reason:
+        raise RunError(f"cannot export {run_dir} to {fmt}: {reason}")
+    out = Path(out) if out else run_dir / "exported" / f"model{FORMATS[fmt]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensor, source = sample_image(predictor, run_dir, image)
+    try:
+        export_model(predictor.model, tensor, fmt, out)
+    except RuntimeError as e:
+        raise RunError(f"cannot export {run_dir} to {fmt}: {e}") from None
     cats = categories(run_dir)
     info = {"format": fmt, "file": out.name, "run_dir": str(run_dir.resolve()),
             "input": {"name": "image", "shape": list(tensor.shape), "dtype": "float32",
