@@ -130,3 +130,30 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(runs, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot export {run_dir} to onnx: test-time augmentation")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_latency_benchmark_times_both_exports_and_leaves_the_model_in_eval_mode():
+    """``benchmarks/latency.py --exported`` on a random smoke CenterNet2-agnostic: a time per format,
+    the PyTorch model still in eval mode afterwards (its own timing follows), and the reason for a
+    model with test-time augmentation. Deliberate break tried, which failed this test: the adapter not
+    put in eval mode in ``export_model`` (``torch.onnx.export`` then left the detector training)."""
+    import importlib.util
+
+    from model import get_model_cfg
+    from pipeline.params import ROOT
+
+    spec = importlib.util.spec_from_file_location("latency", ROOT / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=3, overrides=["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 96, 96), generator=gen, dtype=torch.uint8) for _ in range(3)]
+    row = bench.time_exported(model, cfg, images, "cpu", warmup=1)
+    assert row["torchscript_ms"] > 0 and row["onnx_ms"] > 0, row
+    assert not model.training
+    cfg.defrost()
+    cfg.TEST.AUG.ENABLED = True
+    row = bench.time_exported(model, cfg, images, "cpu", warmup=1)
+    assert set(row) == {"torchscript_error", "onnx_error"}
+    assert row["onnx_error"].startswith("test-time augmentation")
