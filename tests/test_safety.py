@@ -457,3 +457,48 @@ def test_train_speed_writes_no_predictable_temp_file(tmp_path, monkeypatch):
     bench.run("smoke", 1, 1, "cpu", 3, False)
     assert victim.read_text() == "precious"
     assert [p.name for p in tmpdir.iterdir()] == ["cn2-bench-cat-info-3.json"]
+
+
+# --- 7. the local Slurm test cluster's scripts (no cluster needed) --------------------------------
+
+CLUSTER = P.ROOT / "slurm" / "local-cluster"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
+def test_cluster_refuses_a_state_dir_it_does_not_own(tmp_path):
+    """A CN2_SLURM_DIR made by another user (uid 65534), or writable by others, is refused before
+    anything is installed or started. Not tried against the old script, which has no such check and
+    would have gone on to install packages and restart the machine's test cluster."""
+    import subprocess
+
+    for mode, owner, problem in ((0o700, 65534, "belongs to uid 65534"), (0o777, 0, "is writable by others")):
+        run = tmp_path / f"run-{mode:o}"
+        run.mkdir()
+        os.chmod(run, mode)
+        os.chown(run, owner, -1)
+        proc = subprocess.run(["bash", str(CLUSTER / "start.sh")], env={**os.environ, "CN2_SLURM_DIR": str(run)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
+        assert "installing" not in proc.stdout and list(run.iterdir()) == []
+
+
+def test_cluster_stop_kills_only_the_daemons_it_names(tmp_path):
+    """stop.sh with pid files naming an unrelated ``sleep`` (as a stale pid file does once the pid is
+    reused) leaves it running. Broken deliberately: with the old check (alive and not a zombie) it
+    killed the sleep."""
+    import subprocess
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        (run / "slurmctld.pid").write_text(f"{sleeper.pid}\n")
+        (run / "started").write_text("slurmctld\n")
+        proc = subprocess.run(["bash", str(CLUSTER / "stop.sh")], env={**os.environ, "CN2_SLURM_DIR": str(run)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"pid {sleeper.pid} of {run / 'slurmctld.pid'} is not slurmctld now; leaving it alone" in proc.stdout
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
