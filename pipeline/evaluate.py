@@ -13,6 +13,10 @@ has no category of a bucket; the ids of the images evaluated) and logs the same 
 dataset of their own: their annotations are written to ``subset_<split>_first<N>.json`` in the
 evaluation's directory and registered with detectron2's catalogs, so the evaluator and the official
 API score exactly the images that were run — not the whole split with the rest counted as misses.
+
+Only the run directory's own ``model_final.pth`` is loaded, with ``torch.load(..., weights_only=True)``;
+missing or damaged final weights are one line naming the file. Evaluating again logs to MLflow only
+the values it does not already hold (same metric, step and value): no duplicate entries.
 """
 import argparse
 import json
@@ -27,7 +31,6 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data.datasets import load_lvis_json, register_coco_instances
@@ -42,7 +45,7 @@ from pipeline.atomic import write_text
 from pipeline.progress import PROGRESS_FILE
 from pipeline.runspec import RunSpec
 from pipeline.tracking import RUN_ID_FILE, Tracker
-from pipeline.train import DONE_FILE, dataset_checksum
+from pipeline.train import DONE_FILE, AtomicCheckpointer, CheckpointError, dataset_checksum, final_weights
 
 logger = logging.getLogger("pipeline.evaluate")
 METRICS_FILE = "metrics.json"
@@ -129,6 +132,7 @@ def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.M
     run_dir = Path(run_dir)
     if not (run_dir / DONE_FILE).is_file():
         raise FileNotFoundError(f"{run_dir}: no finished training ({DONE_FILE}); run pipeline.train first")
+    weights = final_weights(run_dir) if model is None else None  # before any output: a missing file is one line
     trained = RunSpec.from_json((run_dir / "run.json").read_text())
     spec = spec or trained
     if spec.identity() != trained.identity():
@@ -150,8 +154,7 @@ def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.M
     iteration = None
     if model is None:
         model = build_model(cfg)
-        iteration = int(DetectionCheckpointer(model).load(str(run_dir / "model_final.pth")).get(
-            "iteration", cfg.SOLVER.MAX_ITER - 1))
+        iteration = int(AtomicCheckpointer(model).load(str(weights)).get("iteration", cfg.SOLVER.MAX_ITER - 1))
         model.eval()
         if cfg.TEST.AUG.ENABLED:  # Table 3 "+ test-aug": detectron2's TTA for R-CNNs, boxes and masks merged
             from detectron2.modeling import GeneralizedRCNNWithTTA
@@ -195,9 +198,23 @@ def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.M
         flat = {f"{prefix}{task}/{k}": v for task in tasks for k, v in metrics[task].items()}
         flat[f"{prefix}runtime_ms_per_image"] = record["runtime"]["ms_per_image"]
         flat[f"{prefix}eval_images"] = len(image_ids)
-        tracker.log_final(flat, cfg.SOLVER.MAX_ITER - 1 if iteration is None else iteration,
+        step = cfg.SOLVER.MAX_ITER - 1 if iteration is None else iteration
+        tracker.log_final(_not_logged(tracker, flat, step), step,
                           [out_dir / METRICS_FILE, out_dir / "config.yaml"], artifact_path=f"eval/{spec.eval_key()}")
     return record
+
+
+def _not_logged(tracker: Tracker, metrics: dict, step: int) -> dict:
+    """``metrics`` less those the MLflow run already holds with the same value at ``step`` (an
+    evaluation run again): MLflow keeps every logged entry, so re-logging would duplicate them."""
+    out = {}
+    for key, value in metrics.items():
+        if value is None:
+            continue
+        history = tracker.client.get_metric_history(tracker.run_id, key)
+        if not any(m.step == step and m.value == float(value) for m in history):
+            out[key] = value
+    return out
 
 
 def main(argv=None) -> None:
@@ -214,7 +231,7 @@ def main(argv=None) -> None:
         given = {"warmup": args.warmup, "max_images": args.max_images}
         spec = replace(spec, eval={**spec.eval, **{k: v for k, v in given.items() if v is not None}})
         record = evaluate(args.run_dir, spec)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     box = record["bbox"]

@@ -199,7 +199,7 @@ def schema() -> Dict[str, Any]:
         "switches": _switches,
         "train": {"max_iter": _int(1, True), "ims_per_batch": _int(1, True), "base_lr": _number(0, True),
                   "checkpoint_period": _int(1, True), "keep_checkpoints": _int(0), "log_period": _int(1),
-                  "num_workers": _int(0, True),
+                  "num_workers": _int(0, True), "weights": _str(),
                   "device": _choice(*DEVICES), "opts": _opts},
         "eval": {"warmup": _int(0), "max_images": _int(1, True)},
         "tracking": {"uri": _str()},

@@ -31,6 +31,9 @@ class RunSpec:
     tracking_uri: Optional[str] = None
     opts: List[Any] = field(default_factory=list)
     switches: List[str] = field(default_factory=list)
+    # Where training started: {"source", "path", "sha256"} of train.weights / the preset's weights,
+    # null from scratch (written by pipeline.train; a record, not part of identity()).
+    initial_weights: Optional[Dict[str, str]] = None
 
     @property
     def ablation(self) -> str:

@@ -13,18 +13,41 @@ checkpoints, the terminal metric printer), ``DetectionCheckpointer`` and sampler
 (``RepeatFactorTrainingSampler`` for LVIS-style data). Started again on the same directory it resumes
 from the last checkpoint — iteration, optimizer, scheduler, RNG state and data position — and ends
 with exactly the steps of a run that was never stopped. A finished run directory is left as is.
+
+Failing safely:
+
+- Initial weights: with nothing to resume, the model starts from ``train.weights`` (null: the scale
+  preset's ``MODEL.WEIGHTS`` — none at smoke/synthetic, ImageNet R-50 at paper, X-101 with the x101
+  switch), loaded by detectron2's checkpointer (with its Caffe2/pkl name mapping). A URL that cannot
+  be fetched stops the run before training, saying which file to download and which key to set.
+  Their path and sha256 go to ``run.json`` (``initial_weights``) and the MLflow run's tags.
+- Only ``model_<7 digits>.pth`` and ``model_final.pth`` inside the run directory are ever loaded from
+  it (whatever ``last_checkpoint`` names), with ``torch.load(..., weights_only=True)``; pickled
+  ``.pkl`` weights only from the initial-weights location (``train.weights`` or the preset's).
+- A damaged checkpoint (truncated, overwritten, missing) is named in one line with what is wrong;
+  resuming falls back to the newest readable kept checkpoint, or stops saying how to start again.
+- A full disk: ``error: no space left on device writing <file> (<n> MB needed)``, the temporary file
+  removed; the next run resumes from the last complete checkpoint.
+- One writer per run directory (a file lock): a second ``pipeline.train`` on the same directory
+  waits for the first to finish and then finds the run trained (or resumes it, if the first failed).
+- Any error once the MLflow run exists marks it FAILED.
 """
 import argparse
+import errno
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import sys
 import time
 import weakref
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -37,6 +60,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 from detectron2.utils.logger import setup_logger
+from filelock import FileLock, Timeout
 
 from pipeline import params as P
 from pipeline.atomic import write_text
@@ -47,11 +71,96 @@ from pipeline.tracking import Tracker, git_commit
 
 DONE_FILE = "train_done.json"
 METRICS_LOG = "train_metrics.jsonl"
+FINAL_WEIGHTS = "model_final.pth"
+# The only files resume and evaluation load from a run directory: periodic checkpoints (zero-padded
+# iteration: name order is iteration order) and the final weights.
+PERIODIC_NAME = re.compile(r"model_[0-9]{7}\.pth")
+LOCK_FILE, PID_FILE = ".train.lock", ".train.pid"  # one writer per run directory (see lock_run_dir)
 logger = logging.getLogger("pipeline.train")
 
 
 class TrainingDiverged(FloatingPointError):
     """A loss became NaN or infinite."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be used; the message names it and what is wrong."""
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written: no space left on the device."""
+
+
+def read_checkpoint(path) -> dict:
+    """
+    A ``.pth`` file read with ``torch.load(weights_only=True)`` (tensors and plain Python values
+    only: nothing in it can run code), or :class:`CheckpointError` naming the file and what is wrong
+    with it — not torch's advice to turn ``weights_only`` off, wrong for a damaged file.
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (file not found)") from None
+    except EOFError:
+        raise CheckpointError(f"{path}: damaged (empty file)") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # torch names the first class or function it refused
+        if found:
+            raise CheckpointError(f"{path}: holds Python objects, not just weights ({found.group(1)}); "
+                                  f"refusing to load it") from None
+        raise CheckpointError(f"{path}: damaged (not a PyTorch checkpoint: unreadable data)") from None
+    except RuntimeError as e:
+        if "zip archive" in str(e) or "PytorchStreamReader" in str(e):
+            raise CheckpointError(f"{path}: damaged (truncated or incomplete checkpoint archive)") from None
+        raise CheckpointError(f"{path}: damaged ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+            from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(data).__name__}, not a dict of weights)")
+    return data
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict: about the size of its checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain: torch.save reports a failed write as a RuntimeError ("unexpected
+    pos") raised while handling the OSError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_checkpoint_file(path: str, data: dict) -> None:
+    """``data`` saved to ``path`` through a temporary file and a rename: the file is complete or
+    absent. On any error the temporary file is removed; a full disk is :class:`DiskFull`."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if _disk_full(e):
+            needed = max(_nbytes(data), 1) / 2 ** 20
+            raise DiskFull(f"no space left on device writing {path} ({needed:.1f} MB needed)") from None
+        raise
 
 
 class RNGState:
@@ -71,7 +180,24 @@ class RNGState:
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose files appear complete or not at all (temp file + rename)."""
+    """
+    ``DetectionCheckpointer`` whose files appear complete or not at all (temp file + rename), and
+    that reads ``.pth`` files with ``weights_only=True`` (:func:`read_checkpoint`) and pickled
+    ``.pkl`` weights (detectron2's Caffe2/ImageNet format) only from ``trusted_pickle``: the
+    initial weights the params chose.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trusted_pickle: Optional[str] = None
+
+    def _load_file(self, filename: str) -> dict:
+        if filename.endswith(".pkl"):
+            if self.trusted_pickle is None or os.path.realpath(filename) != os.path.realpath(self.trusted_pickle):
+                raise CheckpointError(f"{filename}: pickled weights (.pkl) are loaded only from train.weights")
+            return super()._load_file(filename)
+        data = read_checkpoint(filename)
+        return data if "model" in data else {"model": data}
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -79,12 +205,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()},
                 **kwargs}
         path = os.path.join(self.save_dir, f"{name}.pth")
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_checkpoint_file(path, data)
         self.logger.info(f"Saved checkpoint {path}")
         self.tag_last_checkpoint(os.path.basename(path))
 
@@ -94,11 +215,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         path = os.path.join(self.save_dir, f"{name}.pth")
-        with open(f"{path}.tmp", "wb") as f:
-            torch.save({"model": self.model.state_dict(), **kwargs}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(f"{path}.tmp", path)
+        write_checkpoint_file(path, {"model": self.model.state_dict(), **kwargs})
         self.logger.info(f"Saved weights {path}")
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -122,8 +239,11 @@ class RetainingCheckpointer(hooks.PeriodicCheckpointer):
 
     def before_train(self):
         super().before_train()
-        # Zero-padded iteration numbers: name order is iteration order.
-        self.recent_checkpoints = sorted(str(p) for p in Path(self.checkpointer.save_dir).glob("model_[0-9]*.pth"))
+        # Zero-padded iteration numbers: name order is iteration order. Those at or after the start
+        # (damaged ones that resuming skipped) are overwritten by this run, not counted twice.
+        self.recent_checkpoints = sorted(
+            str(p) for p in Path(self.checkpointer.save_dir).glob("model_[0-9]*.pth")
+            if PERIODIC_NAME.fullmatch(p.name) and int(p.stem[len("model_"):]) < self.trainer.start_iter)
 
     def step(self, iteration: int, **kwargs) -> None:
         iteration = int(iteration)
@@ -209,12 +329,38 @@ class Trainer(SimpleTrainer):
         ])
 
     def resume(self) -> None:
-        """Continue from the last checkpoint in OUTPUT_DIR, if any (else start at iteration 0)."""
-        if self.checkpointer.has_checkpoint():
-            self.checkpointer.resume_or_load("", resume=True)
+        """
+        Continue from the newest readable periodic checkpoint in OUTPUT_DIR, if any (else start at
+        iteration 0). Only ``model_<7 digits>.pth`` files of the directory itself are candidates:
+        ``last_checkpoint`` naming anything else is ignored with a warning. A damaged or missing
+        checkpoint is skipped, saying which and which one the run resumes from instead; with none
+        readable, :class:`CheckpointError` says how to start again.
+        """
+        run_dir = Path(self.cfg.OUTPUT_DIR)
+        problems = checkpoint_problems(run_dir)
+        for path in periodic_checkpoints(run_dir):
+            try:
+                self.checkpointer.load(str(path))
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            if problems:
+                logger.warning(f"{'; '.join(problems)}; resuming from the newest readable checkpoint {path.name}")
             self.start_iter = self.iter + 1
+            break
+        else:
+            if problems:
+                raise CheckpointError(f"{'; '.join(problems)}; no readable checkpoint left to resume from: "
+                                      f"remove {run_dir} to train this run again from the start")
         self.loader.start_iter = self.start_iter
         self.metrics_log.truncate(self.start_iter)
+
+    def load_initial_weights(self, weights: "InitialWeights") -> None:
+        """The model's starting point (no optimizer or schedule state), detectron2's name mapping
+        for Caffe2/ImageNet ``.pkl`` files included."""
+        self.checkpointer.trusted_pickle = weights.path if weights.path.endswith(".pkl") else None
+        logger.info(f"initial weights: {weights.source} ({weights.path}, sha256 {weights.sha256})")
+        self.checkpointer.load(weights.path, checkpointables=[])
 
     def run_step(self):
         """detectron2's step, with a clear stop (iteration, which loss) when a loss is NaN/inf."""
@@ -241,6 +387,108 @@ class Trainer(SimpleTrainer):
 
     def train(self):
         super().train(self.start_iter, self.max_iter)
+        final = Path(self.cfg.OUTPUT_DIR) / FINAL_WEIGHTS
+        if self.start_iter >= self.max_iter and not final.is_file():
+            # Stopped after the last periodic checkpoint but before the final weights: no step is
+            # left to write them, so they come from the checkpoint just loaded.
+            self.checkpointer.save_weights(final.stem, iteration=self.max_iter - 1)
+
+
+def periodic_checkpoints(run_dir: Path) -> List[Path]:
+    """The run's periodic checkpoints, newest first: regular files named ``model_<7 digits>.pth``
+    directly in ``run_dir`` (a link is not followed out of it)."""
+    found = [p for p in Path(run_dir).glob("model_[0-9]*.pth")
+             if PERIODIC_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    return sorted(found, reverse=True)
+
+
+def checkpoint_problems(run_dir: Path) -> List[str]:
+    """What ``last_checkpoint`` says that resuming cannot use: a name that is not one of the run's
+    checkpoints (another name, a path, '..'), or a checkpoint that is gone."""
+    tag = Path(run_dir) / "last_checkpoint"
+    if not tag.is_file():
+        return []
+    name = tag.read_text().strip()
+    if not PERIODIC_NAME.fullmatch(name):
+        return [f"{tag} names {name!r}, not a checkpoint of this run (only model_<7 digits>.pth in the run "
+                f"directory are loaded); ignored"]
+    if not (Path(run_dir) / name).is_file():
+        return [f"{Path(run_dir) / name} (named in last_checkpoint): missing (file not found)"]
+    return []
+
+
+def final_weights(run_dir: Path) -> Path:
+    """``run_dir/model_final.pth``, a regular file in the run directory, else :class:`CheckpointError`."""
+    path = Path(run_dir) / FINAL_WEIGHTS
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: a link, not the run's own file; refusing to load it")
+    if not path.is_file():
+        done = " although training finished (train_done.json)" if (Path(run_dir) / DONE_FILE).is_file() else ""
+        raise CheckpointError(f"{path}: missing (no final weights{done}); remove {run_dir} and train the "
+                              f"run again")
+    return path
+
+
+class InitialWeights(dict):
+    """Where a run's weights start: ``source`` (as set), ``path`` (the local file), ``sha256``."""
+
+    source = property(lambda self: self["source"])
+    path = property(lambda self: self["path"])
+    sha256 = property(lambda self: self["sha256"])
+
+
+def weights_source(spec: RunSpec, cfg) -> str:
+    """``train.weights``, else the preset's ``MODEL.WEIGHTS`` ('' = from scratch)."""
+    return spec.train.get("weights") or cfg.MODEL.WEIGHTS or ""
+
+
+def fetch_initial_weights(source: str) -> InitialWeights:
+    """
+    The local file of ``source`` (a path, or a ``detectron2://`` / http(s) URL fetched into
+    detectron2's cache) and its sha256. A URL that cannot be fetched (no internet) or a missing
+    file raises :class:`CheckpointError` saying which file to download and which key to set.
+    """
+    from detectron2.utils.file_io import PathManager
+
+    if "://" in source:
+        try:
+            local = PathManager.get_local_path(source)
+        except Exception as e:  # urllib, socket and iopath errors alike: the file is not here
+            url = source.replace("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/")
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"cannot fetch the initial weights {source} ({reason}): download {url} "
+                                  f"and set train.weights to the downloaded file's path") from None
+    else:
+        local = str(Path(source).expanduser().resolve())
+        if not Path(local).is_file():
+            raise CheckpointError(f"train.weights={source!r}: file not found ({local})")
+    digest = hashlib.sha256()
+    with open(local, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return InitialWeights(source=source, path=str(Path(local).resolve()), sha256=digest.hexdigest())
+
+
+def lock_run_dir(run_dir: Path) -> FileLock:
+    """
+    The run directory's lock, held: one ``pipeline.train`` writes a run directory at a time. A
+    second one says ``run dir <dir> is in use by PID <n>; waiting for it to finish`` and waits (then
+    finds the run trained, or resumes it if the first failed). The kernel releases the lock of a
+    killed process.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid_file = run_dir / PID_FILE
+        pid = pid_file.read_text().strip() if pid_file.is_file() else "unknown"
+        message = f"run dir {run_dir} is in use by PID {pid}; waiting for it to finish"
+        print(message, file=sys.stderr, flush=True)
+        logger.warning(message)
+        lock.acquire()
+    write_text(run_dir / PID_FILE, str(os.getpid()))
+    return lock
 
 
 def _flat_cfg(cfg, prefix="d2.") -> dict:
@@ -257,8 +505,10 @@ def _flat_cfg(cfg, prefix="d2.") -> dict:
     return out
 
 
-def prepare_run_dir(run_dir: Path, spec: RunSpec, cfg) -> None:
-    """Write run.json and config.yaml; refuse a directory that holds a different run."""
+def prepare_run_dir(run_dir: Path, spec: RunSpec, cfg, initial_weights: Optional[Dict[str, str]] = None,
+                    starting: bool = True) -> None:
+    """Write run.json (with ``initial_weights``: source, path, sha256; null from scratch) and
+    config.yaml; refuse a directory that holds a different run. A run that resumes keeps its files."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "run.json"
     if record.is_file():
@@ -266,9 +516,10 @@ def prepare_run_dir(run_dir: Path, spec: RunSpec, cfg) -> None:
         if previous.identity() != spec.identity():
             raise P.ParamError(f"{run_dir}: holds a run with other settings (see its run.json); "
                                f"use a new --run-dir")
-        return
+        if not starting:
+            return
     write_text(run_dir / "config.yaml", cfg.dump())
-    write_text(run_dir / "run.json", spec.to_json())
+    write_text(run_dir / "run.json", replace(spec, initial_weights=initial_weights).to_json())
 
 
 def dataset_checksum(spec: RunSpec) -> str:
@@ -291,30 +542,59 @@ def start_tracking(run_dir: Path, spec: RunSpec, cfg, tags: Optional[dict] = Non
 
 def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
     """Train (or resume, or skip if done) the run in ``run_dir``. Returns the final checkpoint.
-    Evaluation-only settings of ``spec`` (``eval``, TTA) play no part: the run trains ``spec.training()``."""
+    Evaluation-only settings of ``spec`` (``eval``, TTA) play no part: the run trains ``spec.training()``.
+    Holds the run directory's lock (:func:`lock_run_dir`) throughout."""
     run_dir = Path(run_dir)
     if (run_dir / DONE_FILE).is_file():
         logger.info(f"{run_dir}: already trained ({DONE_FILE}); nothing to do")
-        return run_dir / "model_final.pth"
-    spec = spec.training()
+        return run_dir / FINAL_WEIGHTS
+    # Multi-GPU: the main process holds the lock; the others wait for it at the barrier.
+    lock = lock_run_dir(run_dir) if comm.is_main_process() else None
+    comm.synchronize()
+    try:
+        if (run_dir / DONE_FILE).is_file():  # trained by the writer this one waited for
+            logger.info(f"{run_dir}: already trained ({DONE_FILE}); nothing to do")
+            if lock is not None:
+                print(f"{run_dir}: already trained by the other process; nothing to do", file=sys.stderr)
+            return run_dir / FINAL_WEIGHTS
+        return _train(run_dir, spec.training(), track)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
     from pipeline import datasets
     from pipeline.run_figures import loss_curve
 
     datasets.register(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
                       else Path(spec.data.get("root") or datasets.default_root()))
     cfg = build_cfg(spec, run_dir)
-    prepare_run_dir(run_dir, spec, cfg)
+    # Starting (nothing to resume): the initial weights are fetched now, so a missing file stops the
+    # run before anything is written or tracked.
+    starting = not periodic_checkpoints(run_dir) and not (run_dir / "last_checkpoint").exists()
+    weights = fetch_initial_weights(weights_source(spec, cfg)) if starting and weights_source(spec, cfg) else None
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights_source(spec, cfg)
+    cfg.freeze()
+    prepare_run_dir(run_dir, spec, cfg, dict(weights) if weights else None, starting)
     setup_logger(str(run_dir / "log.txt"), distributed_rank=comm.get_rank())
     setup_logger(str(run_dir / "log.txt"), distributed_rank=comm.get_rank(), name="pipeline")
     tracker = None
     if track and comm.is_main_process():
         tracker = start_tracking(run_dir, spec, cfg)
         tracker.client.update_run(tracker.run_id, status="RUNNING")
-    trainer = Trainer(cfg, spec.seed, tracker, spec.train.get("log_period", 20), spec.train.get("keep_checkpoints", 1))
-    trainer.resume()
-    logger.info(f"training {spec.ablation} seed {spec.seed}: iterations {trainer.start_iter}..{trainer.max_iter}")
-    start = time.time()
-    try:
+    try:  # any error from here on (resume, initial weights, training, a full disk) ends the MLflow run FAILED
+        if tracker is not None and weights is not None:
+            tracker.set_tags({"initial_weights": weights.source, "initial_weights_path": weights.path,
+                              "initial_weights_sha256": weights.sha256})
+        trainer = Trainer(cfg, spec.seed, tracker, spec.train.get("log_period", 20),
+                          spec.train.get("keep_checkpoints", 1))
+        trainer.resume()
+        if trainer.start_iter == 0 and weights is not None:
+            trainer.load_initial_weights(weights)
+        logger.info(f"training {spec.ablation} seed {spec.seed}: iterations {trainer.start_iter}..{trainer.max_iter}")
+        start = time.time()
         trainer.train()
     except BaseException:
         if tracker is not None:
@@ -328,7 +608,7 @@ def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
         done = {"iterations": trainer.max_iter, "seconds_this_session": round(time.time() - start, 1),
                 "resumed_from": trainer.start_iter, "seed": spec.seed}
         write_text(run_dir / DONE_FILE, json.dumps(done, indent=2) + "\n")
-    return run_dir / "model_final.pth"
+    return run_dir / FINAL_WEIGHTS
 
 
 def main(argv=None) -> None:
@@ -345,8 +625,13 @@ def main(argv=None) -> None:
     try:
         spec = resolve(P.load(args.params), args.overrides, args.seed, args.study, args.row)
         run(args.run_dir, spec, track=not args.no_track)
-    except (P.ParamError, TrainingDiverged, FileNotFoundError) as e:
+    except (P.ParamError, TrainingDiverged, FileNotFoundError, CheckpointError, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device{f' writing {e.filename}' if e.filename else ''}", file=sys.stderr)
         sys.exit(1)
 
 
