@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_text
-from pipeline.predict import DEVICES, Predictor, RunError, categories, val_split
+from pipeline.predict import DEVICES, Predictor, RunError, categories, run_dir_arg, val_split
 
 FORMATS = {"torchscript": ".ts.pt", "onnx": ".onnx"}
 OUTPUT_NAMES = ("boxes", "scores", "classes")
@@ -208,7 +208,8 @@ def load_exported(path: Path, device: str = "cpu"):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="a finished run (holds model_final.pth)")
+    parser.add_argument("--run-dir", type=run_dir_arg, required=True,
+                        help="a finished run (holds model_final.pth), or `main`: the main experiment's first seed")
     parser.add_argument("--format", choices=sorted(FORMATS), required=True)
     parser.add_argument("--out", type=Path, help="output file (default: DIR/exported/model.ts.pt or model.onnx)")
     parser.add_argument("--image", type=Path, help="tracing sample; its resized size is the graph's input size "

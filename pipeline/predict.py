@@ -2,6 +2,7 @@
 Run a trained run on your own images:
 ``python -m pipeline.predict --run-dir DIR INPUT... [--out OUT] [--threshold T] [--device D]``.
 
+``--run-dir main`` is the main experiment's run of its first seed (``results/main_runs.json``).
 ``INPUT`` is an image file, a folder (its images, not recursive) or a glob (``'photos/**/*.jpg'``).
 For each image, ``OUT/<name>.png`` shows the detections scoring at least ``T`` drawn with detectron2's
 ``Visualizer`` (category names from the run's dataset), and ``OUT/detections.json`` lists them all in
@@ -44,6 +45,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WEIGHTS = "model_final.pth"
 DEVICES = ("auto", "cpu", "cuda")
 MIN_DRAWN_SIDE = 512
+MAIN_RUNS = Path("results") / "main_runs.json"
 
 
 class RunError(Exception):
@@ -59,6 +61,23 @@ class Categories:
 
     def metadata(self) -> Metadata:
         return Metadata(name="predict", thing_classes=list(self.names))
+
+
+def main_run_dir(main_runs: Path = MAIN_RUNS) -> Optional[Path]:
+    """The main experiment's trained run of its lowest seed (``results/main_runs.json``), or None."""
+    seeds = json.loads(Path(main_runs).read_text()).get("seeds", {}) if Path(main_runs).is_file() else {}
+    dirs = [Path(s["run_dir"]) for _, s in sorted(seeds.items(), key=lambda kv: int(kv[0][len("seed"):]))]
+    return next((d for d in dirs if (d / WEIGHTS).is_file()), None)
+
+
+def run_dir_arg(value: str) -> Path:
+    """``--run-dir``: a run directory, or ``main`` for :func:`main_run_dir` (after ``dvc repro main``)."""
+    if value != "main" or Path(value).is_dir():
+        return Path(value)
+    found = main_run_dir()
+    if found is None:
+        raise argparse.ArgumentTypeError(f"main: no trained main run in {MAIN_RUNS} (run `dvc repro main` first)")
+    return found
 
 
 def weights_file(run_dir: Path) -> Path:
@@ -268,7 +287,8 @@ def predict(run_dir: Path, inputs: Sequence[str], out: Path, threshold: float = 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, required=True, help="a finished run (holds model_final.pth)")
+    parser.add_argument("--run-dir", type=run_dir_arg, required=True,
+                        help="a finished run (holds model_final.pth), or `main`: the main experiment's first seed")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder, or glob")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=0.5,

@@ -20,7 +20,7 @@ it from ``mlflow.search_runs`` (so the tables can be checked against the trackin
 """
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import matplotlib
 
@@ -115,12 +115,11 @@ def _placeholder(path: Path, text: str) -> None:
     save_figure(fig, path)
 
 
-def main_run_dir(results_dir: Path = RESULTS) -> Path:
-    """The main experiment's run of its lowest seed (``results/main_runs.json``), or None."""
-    f = results_dir / "main_runs.json"
-    seeds = json.loads(f.read_text()).get("seeds", {}) if f.is_file() else {}
-    dirs = [Path(s["run_dir"]) for _, s in sorted(seeds.items(), key=lambda kv: int(kv[0][4:]))]
-    return next((d for d in dirs if (d / "model_final.pth").is_file()), None)
+def main_run_dir(results_dir: Path = RESULTS) -> Optional[Path]:
+    """The main experiment's trained run of its lowest seed (``results/main_runs.json``), or None."""
+    from pipeline import predict
+
+    return predict.main_run_dir(results_dir / "main_runs.json")
 
 
 def predictions(run_dir: Path, path: Path) -> None:

@@ -73,3 +73,27 @@ def test_figures_without_runs_say_so(tmp_path):
     rp.ap_by_category({}, {}, tmp_path / "a.png")
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "a.png").stat().st_size > 0
     assert rp.main_run_dir(tmp_path) is None
+
+
+def test_the_main_run_is_the_lowest_seed_that_finished_training(tmp_path, monkeypatch, capsys):
+    """``results/main_runs.json`` lists seeds 10, 2 and 1 (1 without weights): seed 2 is used, by the
+    report and by ``--run-dir main``; seed order is numeric. Deliberate break tried, which failed this
+    test: seeds sorted as strings (seed10 came first)."""
+    from pipeline import predict as pr
+
+    runs = {}
+    for seed, trained in ((10, True), (2, True), (1, False)):
+        d = tmp_path / "runs" / f"seed{seed}"
+        d.mkdir(parents=True)
+        if trained:
+            (d / "model_final.pth").write_bytes(b"")
+        runs[f"seed{seed}"] = {"run_dir": str(d)}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "main_runs.json").write_text(json.dumps({"seeds": runs}))
+    assert rp.main_run_dir(tmp_path / "results") == tmp_path / "runs" / "seed2"
+    monkeypatch.chdir(tmp_path)
+    assert pr.run_dir_arg("main") == tmp_path / "runs" / "seed2"
+    (tmp_path / "results" / "main_runs.json").write_text(json.dumps({"seeds": {}}))
+    with pytest.raises(SystemExit):
+        pr.main(["--run-dir", "main", "x.png"])
+    assert "main: no trained main run in results/main_runs.json" in capsys.readouterr().err
