@@ -18,8 +18,9 @@ TorchScript-based exporter, opset 17). The graph:
 Tracing records the sample image's size: the exported graph is for inputs of that size (H, W), the
 size the JSON beside records; ``--image`` picks the sample (default: the run's first validation
 image). What cannot be exported is refused with the reason: test-time augmentation (it resizes, flips
-and merges in Python per image), and, to ONNX, deformable convolution (no ONNX operator for
-``torchvision.ops.deform_conv2d`` in this exporter) and mask heads.
+and merges in Python per image), mask heads (detectron2 0.6's mask pasting does not trace), and, to
+ONNX, deformable convolution (no ONNX operator for ``torchvision.ops.deform_conv2d`` in this
+exporter).
 """
 import argparse
 import importlib.util
@@ -94,19 +95,17 @@ def refusal(cfg, fmt: str) -> Optional[str]:
     if fmt == "onnx" and any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
         return ("deformable convolution (switch dcn, torchvision.ops.deform_conv2d) has no ONNX operator in "
                 "torch.onnx's exporter; use --format torchscript")
-    if fmt == "onnx" and cfg.MODEL.MASK_ON:
-        return ("mask heads are not exported to ONNX (mask pasting into the image is data-dependent); "
-                "use --format torchscript")
+    if cfg.MODEL.MASK_ON:
+        return ("mask heads (switch mask) are not exported: detectron2 0.6's mask pasting into the image "
+                "(paste_masks_in_image) fails under tracing with a shape error")
     return None
 
 
 def detections(model, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """The detector on one image (3, H, W) as tensors: boxes (N, 4) XYXY, scores (N,), classes (N,)
-    (and masks (N, H, W) for mask models). Without "height"/"width" in the input, detectron2's
-    post-processing keeps the input's size."""
+    """The detector on one image (3, H, W) as tensors: boxes (N, 4) XYXY, scores (N,), classes (N,).
+    Without "height"/"width" in the input, detectron2's post-processing keeps the input's size."""
     instances = model([{"image": image}])[0]["instances"]
-    out = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes)
-    return out + (instances.pred_masks,) if instances.has("pred_masks") else out
+    return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
 def sample_image(predictor: Predictor, run_dir: Path, image: Optional[Path]) -> Tuple[torch.Tensor, str]:
@@ -178,7 +177,7 @@ def export(run_dir: Path, fmt: str, out: Optional[Path] = None, image: Optional[
                       "channels": predictor.cfg.INPUT.FORMAT, "range": [0, 255],
                       "resize": {"shortest_edge": predictor.cfg.INPUT.MIN_SIZE_TEST,
                                  "max_size": predictor.cfg.INPUT.MAX_SIZE_TEST}},
-            "outputs": list(OUTPUT_NAMES) + (["masks"] if predictor.cfg.MODEL.MASK_ON else []),
+            "outputs": list(OUTPUT_NAMES),
             "traced_on": source, "device": predictor.cfg.MODEL.DEVICE,
             "categories": [{"index": i, "id": c, "name": n} for i, (c, n) in enumerate(zip(cats.ids, cats.names))]}
     if fmt == "onnx":
