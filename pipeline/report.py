@@ -12,9 +12,9 @@ draws (matplotlib PNG, ``reports/figures/``):
 - ``ap_by_category.png``: per Table 2 row, each category's box AP (mean over seeds) against its
   training image count (log scale), coloured by LVIS frequency bucket: how a loss treats the tail.
   Per-category AP is computed here with the official ``lvis`` API (``LVISEval``, all IoUs, all areas,
-  300 detections per image, as the evaluation) from each run's saved detections
-  (``eval/lvis_instances_results.json``) against the validation images it evaluated
-  (``metrics.json``: ``images.ids``), and cached in ``eval/ap_by_category.json``;
+  300 detections per image, as the evaluation) from each evaluation's saved detections
+  (``<eval_dir>/lvis_instances_results.json``) against the validation images it evaluated
+  (``<eval_dir>/metrics.json``: ``images.ids``), and cached in ``<eval_dir>/ap_by_category.json``;
 and writes ``reports/runs.md``: every MLflow run the tables use, by id, with its AP as MLflow returns
 it from ``mlflow.search_runs`` (so the tables can be checked against the tracking store).
 """
@@ -151,12 +151,13 @@ def predictions(run_dir: Path, path: Path) -> None:
     save_figure(fig, path)
 
 
-def category_ap(run_dir: Path) -> Dict[int, float]:
+def category_ap(eval_dir: Path, run_dir: Path) -> Dict[int, float]:
     """
-    Box AP (%) of each category of the run's evaluated validation images that has ground truth,
+    Box AP (%) of each category of the evaluated validation images that has ground truth, from the
+    evaluation in ``eval_dir`` of the run in ``run_dir``,
     by dataset category id: LVISEval's precision (IoU x recall x category x area) averaged over IoU
     thresholds and recall points for the category, area "all" (the mean over categories of these
-    is the run's AP). Cached in ``eval/ap_by_category.json`` beside the detections.
+    is the run's AP). Cached in ``ap_by_category.json`` beside the detections.
     """
     import tempfile
 
@@ -164,15 +165,15 @@ def category_ap(run_dir: Path) -> Dict[int, float]:
 
     from pipeline import predict
 
-    results_file = run_dir / "eval" / "lvis_instances_results.json"
-    cache = run_dir / "eval" / "ap_by_category.json"
+    results_file = eval_dir / "lvis_instances_results.json"
+    cache = eval_dir / "ap_by_category.json"
     stamp = f"{results_file.stat().st_mtime_ns}:{results_file.stat().st_size}"
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("stamp") == stamp:
             return {int(k): v for k, v in cached["ap"].items()}
     gt = json.loads(predict.val_split(run_dir).json_file.read_text())
-    ids = (json.loads((run_dir / "metrics.json").read_text()).get("images") or {}).get("ids")
+    ids = (json.loads((eval_dir / "metrics.json").read_text()).get("images") or {}).get("ids")
     if ids:  # the evaluation scored these images only (max_images)
         keep = set(ids)
         gt = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
@@ -199,9 +200,14 @@ def category_ap(run_dir: Path) -> Dict[int, float]:
 
 def ap_by_category(params, results: Dict[str, Any], path: Path, study: str = "table2") -> None:
     """Per row of ``study``: category AP (mean over seeds) against training image count, log x."""
-    rows = {name: info for name, info in (results.get(study) or {}).items()
-            if any((Path(s["run_dir"]) / "eval" / "lvis_instances_results.json").is_file()
-                   for s in info["seeds"].values())}
+    def evaluations(info):
+        """(eval_dir, run_dir) of each seed whose evaluation saved LVIS-style detections."""
+        pairs = [(Path(s.get("eval_dir") or Path(s["run_dir"]) / "eval"), Path(s["run_dir"]))
+                 for s in info["seeds"].values()]
+        return [(e, r) for e, r in pairs if (e / "lvis_instances_results.json").is_file()]
+
+    rows = {name: evaluations(info) for name, info in (results.get(study) or {}).items()}
+    rows = {name: pairs for name, pairs in rows.items() if pairs}
     if not rows:
         _placeholder(path, f"no evaluated {study} run with LVIS-style labels yet (dvc repro study@{study})")
         return
@@ -211,11 +217,9 @@ def ap_by_category(params, results: Dict[str, Any], path: Path, study: str = "ta
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False, sharey=True)
     for ax in axes.flat[len(rows):]:
         ax.axis("off")
-    for ax, (name, info) in zip(axes.flat, rows.items()):
-        run_dirs = [Path(s["run_dir"]) for s in info["seeds"].values()
-                    if (Path(s["run_dir"]) / "eval" / "lvis_instances_results.json").is_file()]
-        per_seed = [category_ap(d) for d in run_dirs]
-        spec = RunSpec.from_json((run_dirs[0] / "run.json").read_text())
+    for ax, (name, pairs) in zip(axes.flat, rows.items()):
+        per_seed = [category_ap(e, r) for e, r in pairs]
+        spec = RunSpec.from_json((pairs[0][1] / "run.json").read_text())
         cats = {c["id"]: c for c in json.loads((spec.data_dir / "cat_info.json").read_text())}
         for bucket, colour in BUCKET_COLOURS.items():
             ids = [c for c in per_seed[0] if cats.get(c, {}).get("frequency") == bucket]

@@ -3,15 +3,15 @@ The report's per-category AP (``pipeline.report.category_ap``), from saved detec
 detections whose AP is known by hand, and the two figures that use a trained run.
 
 Run directory by hand: a tiny synthetic dataset (3 categories), ``run.json`` and a ``config.yaml``
-naming its validation split, ``metrics.json`` listing the evaluated images, and
-``eval/lvis_instances_results.json``:
+naming its validation split, and an evaluation directory ``eval/k/`` (``pipeline.evaluate`` writes
+one per evaluation setting) with ``lvis_instances_results.json``:
 - category A: every ground-truth box of A on the evaluated images, score 1 -> each is a true
   positive at every IoU threshold, precision 1 at every recall point: AP 100;
 - category B: every box of B moved by its own width and height (IoU 0 with any box of B): no true
   positive: AP 0;
 - category C: no detection: AP 0.
-Only the first 3 validation images are "evaluated" (``metrics.json`` ``images.ids``); A's boxes on
-the other images are not detected, so A's AP is 100 only if those images are left out, as the
+Only the first 3 validation images are "evaluated" (``eval/k/metrics.json`` ``images.ids``); A's boxes
+on the other images are not detected, so A's AP is 100 only if those images are left out, as the
 evaluation left them out.
 
 Deliberate break tried, which failed this test: the ``images.ids`` filter removed from
@@ -36,7 +36,7 @@ def run_dir(tmp_path):
     params = {"data": {"name": "synthetic", "root": str(data)}, "scale": "smoke", "detector": "cascadercnn",
               "loss": "softmax", "seeds": [0], "train": {"device": "cpu"}}
     run = tmp_path / "run"
-    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "k").mkdir(parents=True)
     (run / "run.json").write_text(resolve(params, seed=0).to_json())
     (run / "config.yaml").write_text(CfgNode({"DATASETS": {"TEST": ["synthetic_lvis_val"]}}).dump())
     return run, json.loads((data / "annotations" / "lvis_v1_val.json").read_text())
@@ -56,15 +56,16 @@ def test_category_ap_from_detections_of_known_ap(run_dir):
     detections += [{"image_id": a["image_id"], "category_id": b_cat, "score": 0.9,
                     "bbox": [a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3], a["bbox"][2], a["bbox"][3]]}
                    for a in anns if a["category_id"] == b_cat]
-    (run / "eval" / "lvis_instances_results.json").write_text(json.dumps(detections))
-    (run / "metrics.json").write_text(json.dumps({"images": {"count": 3, "ids": evaluated}}))
+    (run / "eval" / "k" / "lvis_instances_results.json").write_text(json.dumps(detections))
+    (run / "eval" / "k" / "metrics.json").write_text(json.dumps({"images": {"count": 3, "ids": evaluated}}))
 
-    ap = rp.category_ap(run)
+    ap = rp.category_ap(run / "eval" / "k", run)
     assert ap[a_cat] == pytest.approx(100.0)
     assert ap[b_cat] == 0.0
     assert set(ap) == set(cats)  # categories with ground truth on the evaluated images only
     assert all(v == 0.0 for c, v in ap.items() if c not in (a_cat, b_cat))
-    assert json.loads((run / "eval" / "ap_by_category.json").read_text())["ap"][str(a_cat)] == pytest.approx(100.0)
+    cached = json.loads((run / "eval" / "k" / "ap_by_category.json").read_text())
+    assert cached["ap"][str(a_cat)] == pytest.approx(100.0)
 
 
 def test_figures_without_runs_say_so(tmp_path):
