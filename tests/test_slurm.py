@@ -118,7 +118,8 @@ def test_requeued_job_resumes_and_logs_each_step_once(repo):
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    run_dir = ckpt()[0].parent
+    # (model_0000009.pth itself is gone by now: train.keep_checkpoints keeps the newest only)
+    run_dir = next((repo / "runs").glob("*/seed0/train_done.json")).parent
     done = json.loads((run_dir / "train_done.json").read_text())
     assert done["resumed_from"] >= 10 and done["iterations"] == 200
     steps = [json.loads(line)["step"] for line in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
