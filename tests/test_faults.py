@@ -120,8 +120,8 @@ def test_a_run_starts_from_the_weights_in_train_weights(trained, tmp_path, mlflo
     when its first step starts (every key of the state dict, buffers included), and records the
     file's path and sha256 (hashlib over the file's bytes) in run.json and as MLflow tags.
     Deliberate breaks tried: the ``load_initial_weights`` call removed -> the weights were the
-    seed's random initialisation and the test failed; on the code before this change
-    ``train.weights`` was an unknown key (ParamError).
+    seed's random initialisation (backbone.fpn_lateral3.weight differed) and the test failed; on the
+    code before this change ``train.weights`` was an unknown key (ParamError), failed.
     """
     from mlflow.tracking import MlflowClient
 
@@ -155,8 +155,7 @@ def test_weights_that_cannot_be_fetched_stop_before_training(trained, tmp_path, 
     Without internet a weights URL gives one line: the URL to download (detectron2:// spelled as
     its https address) and the key to set; nothing is written to the run directory. The http case
     is real (nothing listens on 127.0.0.1:9); the detectron2:// case has detectron2's PathManager
-    fail as it does offline. Deliberate break tried: the CheckpointError not caught in main -> a
-    traceback, the test failed.
+    fail as it does offline. On the code before this change (``train.weights`` unknown) it failed.
     """
     run_dir = tmp_path / "offline"
     with pytest.raises(SystemExit) as exc:
@@ -218,8 +217,9 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
     The last checkpoint (iteration 3) truncated, overwritten with random bytes, or deleted while
     ``last_checkpoint`` names it: one warning line naming the file, what is wrong and the checkpoint
     used instead (iteration 1); the run resumes at iteration 2 and ends with steps 0-4 once each.
-    Deliberate break tried: the fallback loop stopping at the first candidate -> CheckpointError,
-    the test failed; on the code before this change: a 17-36 line traceback.
+    Deliberate break tried: a candidate's CheckpointError re-raised instead of trying the next one
+    -> the truncated and random-bytes cases failed (the deleted one is not a candidate: it passed);
+    on the code before this change all three failed (torch traceback / ``Checkpoint ... not found!``).
     """
     run_dir = _unfinished(trained, tmp_path / "run")
     damage_fn, what = DAMAGE[damage]
@@ -240,8 +240,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(trained, tmp_p
 def test_no_readable_checkpoint_is_one_line_and_a_failed_mlflow_run(trained, tmp_path, mlflow_uri, capsys):
     """
     Both kept checkpoints damaged: exit 1 with one line naming each and saying how to start again;
-    the MLflow run (created by this attempt) is FAILED, not left RUNNING. Deliberate break tried:
-    ``tracker.finish("FAILED")`` only around ``trainer.train()`` (as before) -> status RUNNING, failed.
+    the MLflow run (created by this attempt) is FAILED, not left RUNNING. On the code before this
+    change (where only ``trainer.train()`` marked runs FAILED) it failed: a torch traceback.
     """
     run_dir = _unfinished(trained, tmp_path / "run")
     _truncate(run_dir / "model_0000003.pth")
@@ -263,7 +263,8 @@ def test_no_readable_checkpoint_is_one_line_and_a_failed_mlflow_run(trained, tmp
 ])
 def test_evaluate_without_readable_final_weights_is_one_line(trained, tmp_path, capsys, damage, what):
     """``evaluate`` on a finished run whose ``model_final.pth`` is gone or damaged: exit 1, one
-    line naming the file. Before this change: detectron2's ``Checkpoint ... not found!`` traceback."""
+    line naming the file. Deliberate break tried: CheckpointError not caught in ``evaluate.main`` ->
+    a traceback, both cases failed; before this change: ``Checkpoint ... not found!`` traceback."""
     run_dir = _copy(trained, tmp_path / "run")
     final = run_dir / "model_final.pth"
     final.unlink() if damage == "deleted" else _truncate(final)
@@ -332,8 +333,8 @@ def test_a_second_writer_waits_for_the_first_and_reuses_its_run(trained, tmp_pat
     """
     Two ``pipeline.train`` processes on one run directory: the second says the directory is in
     use by the first's PID and waits; once the first has finished it finds the run trained. Each
-    step is in ``train_metrics.jsonl`` once. Before this change (no lock) the second never said so
-    and trained too (every step twice).
+    step is in ``train_metrics.jsonl`` once. Not run on the code before this change (no lock there:
+    the waiting line never appears, and the test would fail at its 180 s deadline).
     """
     run_dir, release = tmp_path / "shared", tmp_path / "release"
     args = ["--params", str(trained["params_file"]), "--run-dir", str(run_dir), "--no-track"]
@@ -385,7 +386,8 @@ def test_a_malicious_pickle_is_never_loaded(trained, tmp_path, where):
     level up, an absolute path) or put in place of the last checkpoint: the payload does not run
     (no file appears), a warning names what was refused, and the run resumes from a real
     checkpoint. The payload is live: ``pickle.loads`` of the same bytes for another marker creates
-    it. Before this change ``evil.pkl`` was loaded with plain pickle and the marker appeared.
+    it. On the code before this change the three last_checkpoint cases ran the payload (the marker
+    appeared; detectron2 then failed on os.system's return value) and failed.
     """
     run_dir = _unfinished(trained, tmp_path / "store" / "run")
     live = tmp_path / "live"
@@ -422,7 +424,7 @@ def test_evaluating_again_adds_no_second_identical_metric_entry(trained, tmp_pat
     """
     ``evaluate`` twice on one run: each AP metric has one entry in the MLflow run's history (the
     same value at the same step is not logged again); the runtime, measured anew, may differ and
-    is logged when it does. Before this change every metric had 2 entries.
+    is logged when it does. On the code before this change bbox/AP had 2 entries: failed.
     """
     from mlflow.tracking import MlflowClient
 
