@@ -142,7 +142,7 @@ def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r}; allowed: {', '.join(SCALES)}")
     cfg = add_centernet2_config(get_cfg())
-    cfg.merge_from_file(str(CONFIG_DIR / DETECTORS[detector]))
+    cfg.merge_from_file(str(CONFIG_DIR / DETECTORS[detector]), allow_unsafe=False)
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.merge_from_list([x for kv in SCALES[scale].items() for x in kv])
     if num_classes is not None:
