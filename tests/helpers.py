@@ -10,6 +10,26 @@ import yaml
 
 from pipeline.params import ROOT
 
+
+def tiny_dataset(root: Path, num_val: int = 6, image_size=(64, 80), seed: int = 2,
+                 checksum: "str | None" = "abc123") -> Path:
+    """A 24-image, 3-category synthetic dataset in ``root`` (with a ``prepare.json`` naming
+    ``checksum`` unless it is None): what the unit tests train and evaluate on."""
+    from pipeline.synthetic import SyntheticSpec, generate
+
+    generate(SyntheticSpec(num_train=24, num_val=num_val, num_classes=3, image_size=tuple(image_size),
+                           seed=seed), root)
+    if checksum is not None:
+        (root / "prepare.json").write_text(f'{{"checksum": "{checksum}"}}')
+    return root
+
+
+def smoke_params(data: Path, detector: str, loss: str = "softmax", seeds=(0,), **train) -> dict:
+    """params.yaml contents for smoke-scale runs on ``data`` on the CPU; ``train`` keys are added."""
+    return {"data": {"name": "synthetic", "root": str(data)}, "scale": "smoke", "detector": detector,
+            "loss": loss, "seeds": list(seeds), "train": {"device": "cpu", **train}}
+
+
 SMOKE = {"data.synthetic.num_train": 24, "data.synthetic.num_val": 6, "data.synthetic.num_classes": 3,
          "data.synthetic.image_size": [64, 80], "scale": "smoke", "train.max_iter": 4,
          "train.checkpoint_period": 2, "train.log_period": 1, "train.ims_per_batch": 2, "eval.warmup": 1}

@@ -32,7 +32,7 @@ from detectron2.modeling import build_model
 from pipeline import export as ex
 from pipeline import train as tr
 from pipeline.runspec import resolve
-from pipeline.synthetic import SyntheticSpec, generate
+from tests.helpers import smoke_params, tiny_dataset
 
 DETECTORS = ("centernet2_agnostic", "cascadercnn")
 TOL = 1e-3
@@ -43,14 +43,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = root / "data"
     # Square images: every validation image has the traced sample's size after the resize.
-    generate(SyntheticSpec(num_train=24, num_val=6, num_classes=3, image_size=(64, 64), seed=2), data)
-    (data / "prepare.json").write_text(json.dumps({"checksum": "abc123"}))
+    tiny_dataset(data, image_size=(64, 64))
     out = {}
     for detector in DETECTORS:
-        params = {"data": {"name": "synthetic", "root": str(data)}, "scale": "smoke", "detector": detector,
-                  "loss": "softmax", "seeds": [0],
-                  "train": {"max_iter": 2, "checkpoint_period": 2, "log_period": 1, "num_workers": 0,
-                            "device": "cpu", "opts": ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 1e-4]}}
+        params = smoke_params(data, detector, max_iter=2, checkpoint_period=2, log_period=1, num_workers=0,
+                              opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 1e-4])
         tr.run(root / detector, resolve(params, seed=0), track=False)
         out[detector] = root / detector
     yield {"data": data, **out}

@@ -29,7 +29,7 @@ from pipeline import evaluate as ev
 from pipeline import train as tr
 from pipeline.params import ROOT
 from pipeline.runspec import resolve
-from pipeline.synthetic import SyntheticSpec, generate
+from tests.helpers import tiny_dataset
 
 MAX_ITER, CKPT = 5, 2
 
@@ -48,7 +48,7 @@ def _params(data: Path, **train) -> dict:
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     data = root / "data"
-    generate(SyntheticSpec(num_train=24, num_val=6, num_classes=3, image_size=(64, 80), seed=2), data)
+    tiny_dataset(data, checksum=None)
     params = _params(data)
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))

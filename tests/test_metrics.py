@@ -17,7 +17,7 @@ from torch import nn
 from pipeline import evaluate as ev
 from pipeline import train as tr
 from pipeline.runspec import build_cfg, resolve
-from pipeline.synthetic import SyntheticSpec, generate
+from tests.helpers import tiny_dataset
 
 BOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"}
 
@@ -25,9 +25,7 @@ BOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"}
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics") / "data"
-    generate(SyntheticSpec(num_train=24, num_val=6, num_classes=3, image_size=(64, 80), seed=2), root)
-    (root / "prepare.json").write_text(json.dumps({"checksum": "abc123"}))
-    return root
+    return tiny_dataset(root)
 
 
 def untrained_run(data: Path, run_dir: Path, annotations: str = "lvis", switches=(), max_images=None):

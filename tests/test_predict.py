@@ -25,19 +25,16 @@ from PIL import Image
 from pipeline import predict as pr
 from pipeline import train as tr
 from pipeline.runspec import resolve
-from pipeline.synthetic import SyntheticSpec, generate
+from tests.helpers import smoke_params, tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     data = root / "data"
-    generate(SyntheticSpec(num_train=24, num_val=4, num_classes=3, image_size=(64, 80), seed=3), data)
-    (data / "prepare.json").write_text(json.dumps({"checksum": "abc123"}))
-    params = {"data": {"name": "synthetic", "root": str(data)}, "scale": "smoke", "detector": "cascadercnn",
-              "loss": "softmax", "seeds": [0],
-              "train": {"max_iter": 2, "checkpoint_period": 2, "log_period": 1, "num_workers": 0,
-                        "device": "cpu", "opts": ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 1e-4]}}
+    tiny_dataset(data, num_val=4, seed=3)
+    params = smoke_params(data, "cascadercnn", max_iter=2, checkpoint_period=2, log_period=1, num_workers=0,
+                          opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 1e-4])
     tr.run(root / "run", resolve(params, seed=0), track=False)
     yield {"run_dir": root / "run", "images": sorted((data / "images" / "val").glob("*.png"))}
     shutil.rmtree(root, ignore_errors=True)

@@ -26,15 +26,14 @@ from detectron2.config import CfgNode
 
 from pipeline import report as rp
 from pipeline.runspec import resolve
-from pipeline.synthetic import SyntheticSpec, generate
+from tests.helpers import smoke_params, tiny_dataset
 
 
 @pytest.fixture
 def run_dir(tmp_path):
     data = tmp_path / "data"
-    generate(SyntheticSpec(num_train=24, num_val=8, num_classes=3, image_size=(64, 64), seed=5), data)
-    params = {"data": {"name": "synthetic", "root": str(data)}, "scale": "smoke", "detector": "cascadercnn",
-              "loss": "softmax", "seeds": [0], "train": {"device": "cpu"}}
+    tiny_dataset(data, num_val=8, image_size=(64, 64), seed=5, checksum=None)
+    params = smoke_params(data, "cascadercnn")
     run = tmp_path / "run"
     (run / "eval" / "k").mkdir(parents=True)
     (run / "run.json").write_text(resolve(params, seed=0).to_json())

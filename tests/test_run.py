@@ -13,7 +13,7 @@ from pipeline import evaluate as ev
 from pipeline import train as tr
 from pipeline.params import ROOT
 from pipeline.runspec import resolve
-from pipeline.synthetic import SyntheticSpec, generate
+from tests.helpers import tiny_dataset
 
 MAX_ITER, CKPT = 6, 3
 
@@ -22,8 +22,7 @@ MAX_ITER, CKPT = 6, 3
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data = root / "data"
-    generate(SyntheticSpec(num_train=24, num_val=6, num_classes=3, image_size=(64, 80), seed=2), data)
-    (data / "prepare.json").write_text(json.dumps({"checksum": "abc123"}))
+    tiny_dataset(data)
     params = {
         "data": {"name": "synthetic", "root": str(data)}, "scale": "smoke",
         "detector": "centernet2_agnostic", "loss": "fedloss", "seeds": [0, 1],
