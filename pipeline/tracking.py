@@ -8,7 +8,8 @@ UI's compare view shows a row per ablation. A stage run again reuses its parents
 - Store: ``$MLFLOW_TRACKING_URI`` if set, else ``params.yaml`` ``tracking.uri``, else MLflow's
   sqlite store ``mlflow.db`` at the repository root, as an absolute URI. DVC runs queued or
   ``--temp`` experiments in copies under ``<repo>/.dvc/tmp/exps/``; the root is taken from outside
-  that folder so every experiment writes to the one store. Artifacts go to ``<repo>/mlruns``.
+  that folder so every experiment writes to the one store. Artifacts go to ``mlruns/`` beside a
+  sqlite database (``<repo>/mlruns`` for the default store).
 - Every write happens under one file lock next to the store: parallel seeds (processes or Slurm
   jobs) neither race to create the same parent run nor hit sqlite's "database is locked".
 - A run directory remembers its MLflow run id (``mlflow_run_id``): a resumed run continues the
@@ -112,8 +113,11 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = inside(repo_root() / "mlruns", name).as_uri() if "://" not in self.uri or \
-            self.uri.startswith("sqlite") else None
+        # A sqlite store keeps its artifacts in mlruns/ beside the database (the default store:
+        # <repo>/mlruns), so a store elsewhere (a test's, a user's) writes nothing into the repo.
+        # Other stores choose their own artifact location.
+        location = (inside(Path(self.uri[len("sqlite:///"):]).resolve().parent / "mlruns", name).as_uri()
+                    if self.uri.startswith("sqlite:///") else None)
         return self.client.create_experiment(name, artifact_location=location)
 
     def _find(self, experiment_id: str, filter_string: str):

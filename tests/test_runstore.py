@@ -240,3 +240,21 @@ def test_progress_display_on_a_terminal_and_in_a_log(tmp_path):
     live.update()
     live.close()
     assert "rowA seed0: iter 3/9  loss 2  ETA ?" in tty.getvalue() and "\x1b[" in tty.getvalue()
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_repository(tmp_path, monkeypatch):
+    """Artifacts of a store in ``tmp_path`` land in ``tmp_path/mlruns``; the repository's own
+    ``mlruns/`` gets nothing. Break tried: artifacts under ``repo_root()/mlruns`` as before (every
+    test store wrote into the checkout): the second assertion failed."""
+    from pipeline.params import ROOT
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study = "artifacts_beside_store_test"
+    tracker = Tracker(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    (tmp_path / "store").mkdir(exist_ok=True)
+    tracker.start(tmp_path / "run", study, "row", 0, {}, {})
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    tracker.log_final({"AP": 1.0}, 0, [note])
+    assert list((tmp_path / "store" / "mlruns" / study).rglob("note.txt"))
+    assert not (ROOT / "mlruns" / study).exists()
