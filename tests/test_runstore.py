@@ -248,10 +248,11 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_repository(tmp_
     test store wrote into the checkout): the second assertion failed."""
     from pipeline.params import ROOT
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     study = "artifacts_beside_store_test"
-    tracker = Tracker(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    (tmp_path / "store").mkdir(exist_ok=True)
+    (tmp_path / "store").mkdir()
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracker = Tracker(uri)
     tracker.start(tmp_path / "run", study, "row", 0, {}, {})
     note = tmp_path / "note.txt"
     note.write_text("x")
