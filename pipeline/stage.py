@@ -44,12 +44,6 @@ def run_dir(spec: RunSpec) -> Path:
     return run_store() / spec.key() / f"seed{spec.seed}"
 
 
-def check_all(params: Dict[str, Any], source: Path = "params.yaml") -> None:
-    """Every key of params.yaml, every study row, and the launcher profile, before any work
-    (:func:`pipeline.params.check`, as every stage does); messages name ``source``."""
-    P.check(params, source)
-
-
 def _mean_std(values: List[float]) -> Dict[str, Any]:
     values = [v for v in values if v is not None]
     if not values:
@@ -199,7 +193,7 @@ def params_main(argv, prog: str, doc: str, work: Callable[[Dict[str, Any]], str]
 
     def go():
         params = P.load(args.params)
-        check_all(params, args.params)
+        P.check(params, args.params)
         print(work(params))
 
     main_guard(go)
@@ -215,7 +209,7 @@ def main(argv=None) -> None:
 
     def go():
         params = P.load(args.params)
-        check_all(params, args.params)
+        P.check(params, args.params)
         out = stage_main(params) if args.what == "main" else stage_study(params, args.study)
         print(f"wrote {out}")
 
