@@ -300,3 +300,25 @@ def test_bad_params_fail_before_any_work(tmp_path, monkeypatch, capsys):
     code, err = _run_prepare(["--params", str(params)], capsys)
     assert code == 1 and "unknown key 'data.synthetic.num_trian'" in err and "num_train" in err
     assert not (tmp_path / "data").exists()
+
+
+def test_every_category_is_positive_in_at_least_val_min_images(tmp_path):
+    """
+    With val_min_images 3 on 12 validation images, each of the 8 categories is annotated in >= 3
+    of them (at the training proportions the rarest would get round(1 * 12 / 30) = 0 -> 1); the
+    training split is byte-identical to the one with val_min_images 1, since validation is drawn
+    after it. Break tried: the old floor of 1 (val_min_images ignored); this test failed on it.
+    """
+    base = dict(num_train=30, num_val=12, num_classes=8, image_size=(64, 80), seed=5)
+    for name, k in (("one", 1), ("three", 3)):
+        (tmp_path / name).mkdir()
+        generate(SyntheticSpec(**base, val_min_images=k), tmp_path / name)
+    per_cat = defaultdict(set)
+    for a in _load(tmp_path / "three", "lvis_v1_val.json")["annotations"]:
+        per_cat[a["category_id"]].add(a["image_id"])
+    assert len(per_cat) == 8 and min(len(v) for v in per_cat.values()) >= 3
+    for f in ("lvis_v1_train.json", "coco_train.json"):
+        one, three = _load(tmp_path / "one", f), _load(tmp_path / "three", f)
+        assert {k: v for k, v in one.items() if k != "info"} == {k: v for k, v in three.items() if k != "info"}
+    train_pngs = sorted((tmp_path / "one" / "images" / "train").iterdir())
+    assert all(p.read_bytes() == (tmp_path / "three" / "images" / "train" / p.name).read_bytes() for p in train_pngs)
