@@ -202,6 +202,9 @@ def schema() -> Dict[str, Any]:
                   "num_workers": _int(0, True), "weights": _str(),
                   "device": _choice(*DEVICES), "opts": _opts},
         "eval": {"warmup": _int(0), "max_images": _int(1, True)},
+        "pretrain": {"num_images": _int(10, hi=1_000_000), "image_size": _int(32, hi=512), "max_iter": _int(1),
+                     "batch_size": _int(1, hi=4096), "base_lr": _number(0), "weight_decay": _number(0, lo_open=False),
+                     "seed": _int(0)},
         "tracking": {"uri": _str()},
         "studies": _studies,
         "run_studies": lambda v: None if isinstance(v, list) and not any(_name(x) for x in v)

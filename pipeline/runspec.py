@@ -31,6 +31,9 @@ class RunSpec:
     tracking_uri: Optional[str] = None
     opts: List[Any] = field(default_factory=list)
     switches: List[str] = field(default_factory=list)
+    # The pretrain stage's settings when the run starts from its backbone (synthetic scale, no
+    # train.weights): part of the identity, since they determine the initial weights.
+    pretrain: Optional[Dict[str, Any]] = None
     # Where training started: {"source", "path", "sha256"} of train.weights / the preset's weights,
     # null from scratch (written by pipeline.train; a record, not part of identity()).
     initial_weights: Optional[Dict[str, str]] = None
@@ -76,8 +79,11 @@ class RunSpec:
         (``eval``, evaluation-only switches) and the settings that change no number (logging period,
         data-loading workers, checkpoints kept)."""
         train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers", "keep_checkpoints")}
-        return {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
-                "data": self.data, "train": train, "opts": self.opts, "switches": self.training().switches}
+        ident = {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
+                 "data": self.data, "train": train, "opts": self.opts, "switches": self.training().switches}
+        if self.pretrain is not None:
+            ident["pretrain"] = self.pretrain
+        return ident
 
     def key(self) -> str:
         """The run store's directory name of this run's training settings (seeds share it)."""
@@ -111,13 +117,21 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
     params = P.apply_overrides(params, list(overrides))
     P.validate(params)
     seeds = params.get("seeds", [0])
+    scale = params.get("scale", "synthetic")
+    from_pretrain = scale in PRETRAINED_SCALES and not P.get(params, "train.weights")
     return RunSpec(
         detector=params.get("detector", "centernet2_agnostic"), loss=params.get("loss", "softmax"),
         seed=seeds[0] if seed is None else seed, scale=params.get("scale", "synthetic"),
         data=params.get("data", {"name": "synthetic"}), train=params.get("train", {}),
         eval=params.get("eval", {}), study=study, row=row,
         tracking_uri=P.get(params, "tracking.uri"), opts=list(P.get(params, "train.opts", []) or []),
-        switches=list(params.get("switches") or []))
+        switches=list(params.get("switches") or []),
+        pretrain=dict(params.get("pretrain") or {}) if from_pretrain else None)
+
+
+# Scales whose runs start, unless train.weights says otherwise, from the pretrain stage's backbone
+# (pipeline/pretrain.py) -- the synthetic stand-in for the report's ImageNet initialisation.
+PRETRAINED_SCALES = ("synthetic",)
 
 
 ROW_KEYS = ("detector", "loss", "seeds", "scale", "data", "train", "switches")
@@ -198,6 +212,10 @@ def build_cfg(spec: RunSpec, run_dir: Path):
         "MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH", str((spec.data_dir / "cat_info.json").resolve()),
         "SEED", spec.seed, "OUTPUT_DIR", str(run_dir),
     ]
+    if spec.pretrain is not None:
+        from pipeline.pretrain import OUTPUT_DIR, WEIGHTS_FILE
+
+        overrides += ["MODEL.WEIGHTS", str(OUTPUT_DIR / WEIGHTS_FILE)]
     if spec.annotations == "coco":  # exhaustive labels: no repeat-factor sampling (that is for LVIS)
         overrides += ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"]
     t = spec.train

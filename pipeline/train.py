@@ -573,6 +573,10 @@ def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
     # Starting (nothing to resume): the initial weights are fetched now, so a missing file stops the
     # run before anything is written or tracked.
     starting = not periodic_checkpoints(run_dir) and not (run_dir / "last_checkpoint").exists()
+    if starting and spec.pretrain is not None and not Path(cfg.MODEL.WEIGHTS).is_file():
+        raise CheckpointError(f"{cfg.MODEL.WEIGHTS} not found: the {spec.scale} scale starts from the pretrain "
+                              f"stage's backbone; run `dvc repro pretrain` (or `python -m pipeline.pretrain`) "
+                              f"first, or set train.weights")
     weights = fetch_initial_weights(weights_source(spec, cfg)) if starting and weights_source(spec, cfg) else None
     cfg.defrost()
     cfg.MODEL.WEIGHTS = weights_source(spec, cfg)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import pytest
 import yaml
 
-from pipeline import aggregate, prepare
+from pipeline import aggregate, prepare, pretrain
 from pipeline import params as P
 from pipeline.runspec import resolve, study_rows, study_specs
 from pipeline.tracking import tracking_uri
@@ -29,6 +29,7 @@ CHANGES = {
     "seeds": [0],
     "switches": ["mask"],
     "train.max_iter": 7,
+    "pretrain.max_iter": 7,
     "eval.max_images": 7,
     "tracking.uri": "sqlite:////elsewhere/mlflow.db",
     "launcher.parallel": 1,
@@ -45,16 +46,17 @@ TRAINING = {"main", "study@table1", "study@table2"}
 # studies and which are run, and the scale and dataset name its table headers print; report the
 # seeds and studies (for the same rows as the tables) and the MLflow store it lists runs from.
 STALE = {
-    "data.name": {"prepare", *TRAINING, "aggregate"},
-    "data.root": {"prepare", *TRAINING},
+    "data.name": {"prepare", "pretrain", *TRAINING, "aggregate"},
+    "data.root": {"prepare", "pretrain", *TRAINING},
     "data.annotations": TRAINING,
     "data.synthetic.seed": {"prepare", *TRAINING},
-    "scale": {*TRAINING, "aggregate"},
+    "scale": {"pretrain", *TRAINING, "aggregate"},
     "detector": {"main"},
     "loss": {"main"},
     "seeds": {*TRAINING, "aggregate", "report"},
     "switches": {"main"},
     "train.max_iter": TRAINING,
+    "pretrain.max_iter": {"pretrain", *TRAINING},
     "eval.max_images": TRAINING,
     "tracking.uri": {*TRAINING, "report"},
     "launcher.parallel": TRAINING,
@@ -112,6 +114,7 @@ def _stage_inputs(params):
     """What each stage's code takes from ``params``, as text (in the working directory's results)."""
     launcher = json.dumps(params.get("launcher"), sort_keys=True)
     out = {"prepare": repr(prepare.data_settings(params)),
+           "pretrain": json.dumps(pretrain.stage_settings(params), sort_keys=True),
            "main": json.dumps([asdict(resolve(params, seed=s)) for s in params["seeds"]], sort_keys=True) + launcher}
     for study in params["run_studies"]:
         specs = {row: [asdict(s) for s in ss] for row, ss in study_specs(params, study).items()}
