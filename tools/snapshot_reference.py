@@ -1,0 +1,85 @@
+"""
+Copy a finished run's tables, comparisons, summary and figures to ``reports/reference/`` with where
+and how they were made, so a user can compare their run with it (README "Reference run").
+
+    python tools/snapshot_reference.py --command "dvc exp run ..." --wall "2h 51m" [--started ISO] [--notes TEXT]
+
+Records the git commit the run started from (``--commit``, default HEAD), the machine (CPU model,
+cores, memory, GPU if any, torch threads) and the params the tables were made with.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "reports"
+OUT = REPORTS / "reference"
+FILES = ("table1.md", "table2.md", "summary.json", "comparisons.json")
+FIGURES = ("ap_rcf.png", "loss_curves.png", "accuracy_vs_runtime.png", "ap_by_category.png", "data_frequency.png")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {cores} cores{mem}, {gpu}; {platform.system()} {platform.release()}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--command", required=True, help="the command that produced the run")
+    parser.add_argument("--wall", required=True, help="its wall time, e.g. '2h 51m'")
+    parser.add_argument("--commit", default="HEAD", help="the commit it ran on (default: HEAD)")
+    parser.add_argument("--started", default="", help="when it started (ISO date/time)")
+    parser.add_argument("--notes", default="", help="anything else a reader needs (resumed across sessions, ...)")
+    args = parser.parse_args()
+    missing = [f for f in FILES if not (REPORTS / f).is_file()]
+    if missing:
+        sys.exit(f"error: reports/{missing[0]} not found: run the pipeline first")
+    commit = subprocess.run(["git", "rev-parse", args.commit], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    (OUT / "figures").mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+        shutil.copy2(REPORTS / f, OUT / f)
+    copied = [f for f in FIGURES if (REPORTS / "figures" / f).is_file()]
+    for f in copied:
+        shutil.copy2(REPORTS / "figures" / f, OUT / "figures" / f)
+    summary = json.loads((REPORTS / "summary.json").read_text())
+    lines = ["# Reference run", "",
+             "The synthetic Tables 1-2 at 3 seeds, as produced by the command below; compare your run's",
+             "`reports/` with these files (same params, same code: the same numbers up to thread-count",
+             "nondeterminism).", "",
+             f"- command: `{args.command}`",
+             f"- commit: `{commit}`",
+             f"- machine: {machine()}",
+             f"- wall time: {args.wall}" + (f" (started {args.started})" if args.started else ""),
+             *( [f"- notes: {args.notes}"] if args.notes else []), "",
+             "Files: " + ", ".join(f"`{f}`" for f in FILES) + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied),
+             "", "## Table 1", "", (OUT / "table1.md").read_text(), "", "## Table 2", "", (OUT / "table2.md").read_text()]
+    (OUT / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"reference: {len(FILES)} files and {len(copied)} figures in {OUT} "
+          f"({len(summary.get('rows', summary))} summary entries)")
+
+
+if __name__ == "__main__":
+    main()
