@@ -67,7 +67,7 @@ from pipeline.atomic import write_text
 from pipeline.loader import LazyLoader, build_train_loader
 from pipeline.progress import PROGRESS_FILE, ProgressFile
 from pipeline.runspec import RunSpec, build_cfg, resolve
-from pipeline.tracking import Tracker, git_commit
+from pipeline.tracking import Tracker, git_commit, redact_uri
 
 DONE_FILE = "train_done.json"
 METRICS_LOG = "train_metrics.jsonl"
@@ -508,7 +508,10 @@ def _flat_cfg(cfg, prefix="d2.") -> dict:
 def prepare_run_dir(run_dir: Path, spec: RunSpec, cfg, initial_weights: Optional[Dict[str, str]] = None,
                     starting: bool = True) -> None:
     """Write run.json (with ``initial_weights``: source, path, sha256; null from scratch) and
-    config.yaml; refuse a directory that holds a different run. A run that resumes keeps its files."""
+    config.yaml; refuse a directory that holds a different run. A run that resumes keeps its files.
+    run.json gets the tracking URI without user and password (``redact_uri``); the caller's ``spec``
+    keeps the real one, which is what tracking connects with (``tracking_uri`` is not part of
+    ``identity()``, so a resume compares equal)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "run.json"
     if record.is_file():
@@ -519,7 +522,8 @@ def prepare_run_dir(run_dir: Path, spec: RunSpec, cfg, initial_weights: Optional
         if not starting:
             return
     write_text(run_dir / "config.yaml", cfg.dump())
-    write_text(run_dir / "run.json", replace(spec, initial_weights=initial_weights).to_json())
+    written = replace(spec, initial_weights=initial_weights, tracking_uri=redact_uri(spec.tracking_uri))
+    write_text(run_dir / "run.json", written.to_json())
 
 
 def dataset_checksum(spec: RunSpec) -> str:

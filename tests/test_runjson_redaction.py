@@ -1,0 +1,30 @@
+"""run.json holds no tracking credentials (issue 17): ``prepare_run_dir`` writes the MLflow URI
+through ``pipeline.tracking.redact_uri``, while the spec in memory keeps the real URI."""
+import json
+
+from pipeline.runspec import RunSpec
+
+
+class _Cfg:
+    def dump(self) -> str:
+        return "MODEL: {}\n"
+
+
+def test_run_json_has_no_tracking_credentials(tmp_path):
+    """A spec with ``https://user:secret@host/x``: run.json says ``https://host/x`` (worked by hand
+    from RFC 3986's ``userinfo@host``) and holds neither "secret" nor "user"; the caller's spec is
+    unchanged, and preparing the same directory again (a resume) is accepted. Broken deliberately:
+    with run.json written from ``spec`` as given, "secret" was in the file."""
+    from pipeline.train import prepare_run_dir
+
+    uri = "https://user:secret@host/x"
+    spec = RunSpec(detector="centernet2_agnostic", loss="fedloss", seed=0, scale="smoke",
+                   data={"name": "synthetic"}, train={}, eval={}, tracking_uri=uri)
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, spec, _Cfg())
+    text = (run_dir / "run.json").read_text()
+    assert "secret" not in text and "user:" not in text
+    assert json.loads(text)["tracking_uri"] == "https://host/x"
+    assert spec.tracking_uri == uri
+    prepare_run_dir(run_dir, spec, _Cfg(), starting=False)  # same identity: no error
+    assert "secret" not in (run_dir / "run.json").read_text()
