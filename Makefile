@@ -22,7 +22,7 @@ setup:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(SETUP_HASH)" ]; then \
 		echo "setup: $(VENV) is up to date with requirements.lock"; \
 	else \
-		echo "setup: installing into $(VENV) (first time: about 3 minutes)"; \
+		echo "setup: installing into $(VENV) (first time: about 5 minutes)"; \
 		rm -f $(STAMP); \
 		[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV); \
 		$(PIP) install --require-hashes -r requirements.lock $(QUIET_PIP); \
