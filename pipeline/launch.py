@@ -130,6 +130,25 @@ def _executor(launcher: Dict[str, Any], folder: Path, name: str):
     return executor, gpus, threads
 
 
+def job_payloads(requests: Sequence[Tuple[Path, List[RunSpec]]]) -> List[List[str]]:
+    """
+    Each job's specs as JSON, with the tracking URI's credentials removed: submitit writes the
+    payload to the job folder (``slurm-logs/``), a file others may read. A URI with credentials
+    (``https://user:token@host``) reaches the jobs through ``MLFLOW_TRACKING_URI`` in their
+    environment instead (local processes inherit it, Slurm exports it), which the jobs' tracking
+    prefers over the spec's (``pipeline.tracking.tracking_uri``); a variable the user set is kept.
+    """
+    from dataclasses import replace
+
+    from pipeline.tracking import redact_uri
+
+    for _, specs in requests:
+        for spec in specs:
+            if spec.tracking_uri and redact_uri(spec.tracking_uri) != spec.tracking_uri:
+                os.environ.setdefault("MLFLOW_TRACKING_URI", spec.tracking_uri)
+    return [[replace(s, tracking_uri=redact_uri(s.tracking_uri)).to_json() for s in specs] for _, specs in requests]
+
+
 def run_all(requests: Sequence[Tuple[Path, List[RunSpec]]], launcher: Dict[str, Any], folder: Path,
             name: str = "cn2") -> List[List[Dict[str, Any]]]:
     """One job per (run_dir, specs): train the run, evaluate it with each spec's evaluation settings;
@@ -138,8 +157,7 @@ def run_all(requests: Sequence[Tuple[Path, List[RunSpec]]], launcher: Dict[str, 
         return []
     executor, gpus, threads = _executor(launcher, folder, name)
     n = len(requests)
-    args = ([str(d) for d, _ in requests], [[s.to_json() for s in specs] for _, specs in requests],
-            [os.getcwd()] * n, [threads] * n, [gpus] * n)
+    args = ([str(d) for d, _ in requests], job_payloads(requests), [os.getcwd()] * n, [threads] * n, [gpus] * n)
     cluster = launcher.get("cluster", "local")
     jobs: List[Any] = []
     progress = StageProgress(requests) if cluster != "debug" else None  # debug: the job's own output

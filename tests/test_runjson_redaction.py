@@ -28,3 +28,26 @@ def test_run_json_has_no_tracking_credentials(tmp_path):
     assert spec.tracking_uri == uri
     prepare_run_dir(run_dir, spec, _Cfg(), starting=False)  # same identity: no error
     assert "secret" not in (run_dir / "run.json").read_text()
+
+
+def test_job_payloads_carry_no_tracking_credentials(tmp_path, monkeypatch):
+    """The JSON submitit writes to slurm-logs/ says ``https://host/x``; the real URI goes to the jobs
+    through MLFLOW_TRACKING_URI, which tracking prefers; a URI without credentials and a variable
+    the user set are left as they are. Broken deliberately: the payload built from the specs as
+    given (the old code) held "secret"."""
+    from pipeline.launch import job_payloads
+    from pipeline.tracking import tracking_uri
+
+    # Recorded first, so the variable job_payloads sets is removed again after the test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "recorded")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = "https://user:secret@host/x"
+    spec = RunSpec(detector="centernet2_agnostic", loss="fedloss", seed=0, scale="smoke",
+                   data={"name": "synthetic"}, train={}, eval={}, tracking_uri=uri)
+    payload = job_payloads([(tmp_path / "run", [spec])])
+    assert "secret" not in json.dumps(payload)
+    assert json.loads(payload[0][0])["tracking_uri"] == "https://host/x"
+    assert tracking_uri("https://host/x") == uri  # what a job connects with
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////mine.db")
+    job_payloads([(tmp_path / "run", [spec])])
+    assert tracking_uri("https://host/x") == "sqlite:////mine.db"
