@@ -208,10 +208,12 @@ def _plan_image(positives: List[int], targets: np.ndarray, spec: SyntheticSpec,
             n_annotated = n
         objects += [(k, i < n_annotated) for i in range(n)]
     present = set(positives)
-    if rng.random() < spec.p_unlabeled:
-        absent = np.array([k for k in range(num_classes) if k not in present])
-        w = targets[absent] / targets[absent].sum()
-        k = int(rng.choice(absent, p=w))
+    # An image already positive for every category (a small set with val_min_images) has none left
+    # to draw unlabelled; the draw is still made, so other images' random streams do not change.
+    absent_now = np.array([k for k in range(num_classes) if k not in present], dtype=int)
+    if rng.random() < spec.p_unlabeled and absent_now.size:
+        w = targets[absent_now] / targets[absent_now].sum()
+        k = int(rng.choice(absent_now, p=w))
         present.add(k)
         objects += [(k, False)] * int(rng.integers(1, 3))
     absent = [k for k in range(num_classes) if k not in present]

@@ -322,3 +322,17 @@ def test_every_category_is_positive_in_at_least_val_min_images(tmp_path):
         assert {k: v for k, v in one.items() if k != "info"} == {k: v for k, v in three.items() if k != "info"}
     train_pngs = sorted((tmp_path / "one" / "images" / "train").iterdir())
     assert all(p.read_bytes() == (tmp_path / "three" / "images" / "train" / p.name).read_bytes() for p in train_pngs)
+
+
+def test_images_positive_for_every_category_still_generate(tmp_path):
+    """3 categories, each in at least all 4 validation images: no category is left to draw as an
+    unlabelled object in any of them, and generation still succeeds (it raised IndexError on the
+    empty list of absent categories before the guard)."""
+    spec = SyntheticSpec(num_train=20, num_val=4, num_classes=3, image_size=(64, 80), seed=2, val_min_images=4,
+                         p_unlabeled=1.0)
+    generate(spec, tmp_path)
+    val = _load(tmp_path, "lvis_v1_val.json")
+    per_image = defaultdict(set)
+    for a in val["annotations"]:
+        per_image[a["image_id"]].add(a["category_id"])
+    assert len(val["images"]) == 4 and all(len(c) == 3 for c in per_image.values())
