@@ -37,7 +37,7 @@ OUTPUT_DIR = Path("data/pretrain")
 WEIGHTS_FILE = "backbone.pth"
 INFO_FILE = "pretrain.json"
 # Which scale's ResNet is pretrained: the one whose runs start from this stage's output.
-SCALE = "synthetic"
+SCALE = PRETRAINED_SCALES[0]
 # params.yaml's pretrain section, documented there.
 DEFAULTS = {"num_images": 20000, "image_size": 64, "max_iter": 300, "batch_size": 128, "base_lr": 0.1,
             "weight_decay": 0.0001, "seed": 0}
@@ -118,6 +118,8 @@ def train(settings: Dict[str, Any], combos, out: Path, scale: str = SCALE, log=p
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone
 
+    from pipeline.train import write_checkpoint_file
+
     torch.manual_seed(settings["seed"])
     workers = max(1, torch.get_num_threads())
     start = time.time()
@@ -161,14 +163,13 @@ def train(settings: Dict[str, Any], combos, out: Path, scale: str = SCALE, log=p
     net.eval()
     correct = 0
     with torch.no_grad():
+        val_x, val_y = images[-n_val:], torch.as_tensor(labels[-n_val:])
         for s in range(0, n_val, 256):
-            x = to_input(images[-n_val:][s:s + 256], cfg)
-            correct += (head(net(x)["res5"].mean((2, 3))).argmax(1) == torch.as_tensor(labels[-n_val:][s:s + 256])).sum().item()
+            logits = head(net(to_input(val_x[s:s + 256], cfg))["res5"].mean((2, 3)))
+            correct += (logits.argmax(1) == val_y[s:s + 256]).sum().item()
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
-    tmp = weights.with_suffix(".pth.tmp")
-    torch.save({"model": {f"backbone.bottom_up.{k}": v for k, v in net.state_dict().items()}}, tmp)
-    tmp.replace(weights)
+    write_checkpoint_file(str(weights), {"model": {f"backbone.bottom_up.{k}": v for k, v in net.state_dict().items()}})
     return {"settings": settings, "classes": len(combos), "held_out_accuracy": round(correct / n_val, 4),
             "val_images": n_val, "seconds": round(time.time() - start, 1),
             "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
@@ -187,6 +188,8 @@ def main(argv=None) -> None:
     parser.add_argument("--params", type=Path, default=P.PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output directory (default: %(default)s)")
     args = parser.parse_args(argv)
+    from pipeline.train import DiskFull
+
     try:
         params = P.load(args.params)
         P.check(params, args.params)
@@ -201,13 +204,13 @@ def main(argv=None) -> None:
             print(f"pretrain: scale {scale} does not start from the pretrained backbone; nothing to train")
             return
         names = []
-        if data.get("name", "synthetic") == "synthetic":
+        if data["name"] == "synthetic":
             cat_info = Path(data.get("root") or "data/synthetic") / "cat_info.json"
             if not cat_info.is_file():
                 raise P.ParamError(f"{cat_info} not found: run `python -m pipeline.prepare` first")
             names = [c["name"] for c in json.loads(cat_info.read_text())]
         info = train(settings, held_out_combos(names), args.out, scale)
-    except P.ParamError as e:
+    except (P.ParamError, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     write_text(args.out / INFO_FILE, json.dumps({"scale": scale, "trained": True, **info}, indent=2) + "\n")

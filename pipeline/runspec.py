@@ -121,7 +121,7 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
     from_pretrain = scale in PRETRAINED_SCALES and not P.get(params, "train.weights")
     return RunSpec(
         detector=params.get("detector", "centernet2_agnostic"), loss=params.get("loss", "softmax"),
-        seed=seeds[0] if seed is None else seed, scale=params.get("scale", "synthetic"),
+        seed=seeds[0] if seed is None else seed, scale=scale,
         data=params.get("data", {"name": "synthetic"}), train=params.get("train", {}),
         eval=params.get("eval", {}), study=study, row=row,
         tracking_uri=P.get(params, "tracking.uri"), opts=list(P.get(params, "train.opts", []) or []),

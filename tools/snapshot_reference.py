@@ -74,8 +74,10 @@ def main() -> None:
              f"- machine: {machine()}",
              f"- wall time: {args.wall}" + (f" (started {args.started})" if args.started else ""),
              *( [f"- notes: {args.notes}"] if args.notes else []), "",
-             "Files: " + ", ".join(f"`{f}`" for f in FILES) + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied),
-             "", "## Table 1", "", (OUT / "table1.md").read_text(), "", "## Table 2", "", (OUT / "table2.md").read_text()]
+             "Files: " + ", ".join(f"`{f}`" for f in FILES)
+             + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied), "",
+             "## Table 1", "", (OUT / "table1.md").read_text(), "",
+             "## Table 2", "", (OUT / "table2.md").read_text()]
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
     print(f"reference: {len(FILES)} files and {len(copied)} figures in {OUT} "
           f"({len(summary.get('rows', summary))} summary entries)")
