@@ -25,6 +25,7 @@ DETECTOR_NAMES = ("centernet", "cascadercnn", "centernet2_specific", "centernet2
 LOSS_NAMES = ("softmax", "sigmoid", "eql", "fedloss")
 CLUSTERS = ("local", "slurm", "debug")
 DEVICES = ("auto", "cpu", "cuda")
+FINAL_DTYPES = ("float16", "float32")  # train.final_dtype
 # Study and row names become file names (results/studies/<study>.json) and MLflow experiment, run
 # and artifact names: letters, digits, '_', '.', '-', not starting with '.' or '-'.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -198,8 +199,9 @@ def schema() -> Dict[str, Any]:
         "seeds": _seeds,
         "switches": _switches,
         "train": {"max_iter": _int(1, True), "ims_per_batch": _int(1, True), "base_lr": _number(0, True),
-                  "checkpoint_period": _int(1, True), "keep_checkpoints": _int(0), "log_period": _int(1),
-                  "num_workers": _int(0, True), "weights": _str(),
+                  "checkpoint_period": _int(1, True), "keep_checkpoints": _int(0),
+                  "final_dtype": _choice(*FINAL_DTYPES), "log_period": _int(1), "num_workers": _int(0, True),
+                  "weights": _str(),
                   "device": _choice(*DEVICES), "opts": _opts},
         "eval": {"warmup": _int(0), "max_images": _int(1, True)},
         "pretrain": {"num_images": _int(10, hi=1_000_000), "image_size": _int(32, hi=512), "max_iter": _int(1),

@@ -73,12 +73,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, mlflow
     tr.run(crashed, spec)
     assert json.loads((crashed / tr.DONE_FILE).read_text())["resumed_from"] == 3
 
-    # Retention (train.keep_checkpoints: 1): the last periodic checkpoint, and the final weights alone.
-    # The resumed run also deleted the checkpoint it found on disk (iteration 2). Deliberate break
-    # tried: fvcore's in-memory list only (no look at the disk) -> model_0000002.pth stayed, failed.
+    # Retention (train.keep_checkpoints: 0, the default): the final weights alone. The resumed run
+    # also deleted the checkpoint it found on disk (iteration 2). Deliberate break tried: fvcore's
+    # in-memory list only (no look at the disk) -> model_0000002.pth stayed, failed.
     for d in (straight, crashed):
-        assert sorted(p.name for p in d.glob("*.pth")) == ["model_0000005.pth", "model_final.pth"]
-        assert set(torch.load(d / "model_final.pth", weights_only=True)) == {"model", "iteration"}
+        assert sorted(p.name for p in d.glob("*.pth")) == ["model_final.pth"]
+        assert set(torch.load(d / "model_final.pth", weights_only=True)) == {"model", "iteration", "dtype"}
     a, b = _weights(straight), _weights(crashed)
     assert a.keys() == b.keys()
     for k in a:
@@ -98,7 +98,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, mlflow
         assert child.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("keep, left", [(0, []), (2, ["model_0000001.pth", "model_0000002.pth"])])
+@pytest.mark.parametrize("keep, left", [(0, []), (1, ["model_0000002.pth"]),
+                                        (2, ["model_0000001.pth", "model_0000002.pth"])])
 def test_keep_checkpoints_keeps_the_last_n(tiny, tmp_path, keep, left):
     """3 iterations, a checkpoint each (iterations 0, 1, 2): ``keep_checkpoints: 2`` leaves the last
     two, ``0`` none once finished; the final weights always, without optimizer or scheduler state.
@@ -110,8 +111,34 @@ def test_keep_checkpoints_keeps_the_last_n(tiny, tmp_path, keep, left):
     tr.run(run_dir, resolve(params, seed=0, study="keep"), track=False)
     assert sorted(p.name for p in run_dir.glob("*.pth")) == left + ["model_final.pth"]
     final = torch.load(run_dir / "model_final.pth", weights_only=True)
-    assert set(final) == {"model", "iteration"} and final["iteration"] == 2
+    assert set(final) == {"model", "iteration", "dtype"} and final["iteration"] == 2
     assert not list(run_dir.glob("*.tmp"))
+
+
+def test_final_weights_are_stored_in_final_dtype(tiny, tmp_path):
+    """The same 3-iteration run twice: ``final_dtype: float16`` (the default) stores every floating
+    tensor of model_final.pth as float16 -- exactly the float32 run's values rounded -- and leaves
+    integer buffers alone; the file is about half the size. Evaluation loads it into the float32
+    model (the evaluation tests below run on the default)."""
+    files = {}
+    for dtype in ("float32", "float16"):
+        params = {**tiny["params"], "train": {**tiny["params"]["train"], "max_iter": 3, "final_dtype": dtype}}
+        run_dir = tmp_path / dtype
+        tr.run(run_dir, resolve(params, seed=0, study="dtype"), track=False)
+        files[dtype] = run_dir / "model_final.pth"
+    full, half = (torch.load(files[d], weights_only=True) for d in ("float32", "float16"))
+    assert (full["dtype"], half["dtype"]) == ("float32", "float16")
+    assert full["model"].keys() == half["model"].keys()
+    floats = 0
+    for k, v in full["model"].items():
+        if v.is_floating_point():
+            floats += 1
+            assert v.dtype == torch.float32 and half["model"][k].dtype == torch.float16, k
+            assert torch.equal(half["model"][k], v.half()), k
+        else:
+            assert torch.equal(half["model"][k], v), k
+    assert floats > 0
+    assert files["float16"].stat().st_size < 0.6 * files["float32"].stat().st_size
 
 
 @pytest.mark.parametrize("opts, message", [

@@ -138,7 +138,8 @@ def test_a_changed_evaluation_setting_re_evaluates_without_training(tmp_path, mo
     params.update(scale="smoke", seeds=[0], run_studies=["t"],
                   studies={"t": {"a": {"detector": "centernet2_agnostic", "loss": "fedloss"}}})
     params["data"]["root"] = str(data)
-    params["train"].update(max_iter=2, checkpoint_period=1, log_period=1, ims_per_batch=2, device="cpu")
+    params["train"].update(max_iter=2, checkpoint_period=1, keep_checkpoints=1, log_period=1, ims_per_batch=2,
+                           device="cpu")
     params["eval"] = {"warmup": 0, "max_images": 2}
     params["launcher"] = {**params["launcher"], "cluster": "debug"}
     first = json.loads(stage.stage_study(params, "t").read_text())["rows"]["a"]["seeds"]["seed0"]

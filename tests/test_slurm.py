@@ -118,7 +118,7 @@ def test_requeued_job_resumes_and_logs_each_step_once(repo):
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    # (model_0000009.pth itself is gone by now: train.keep_checkpoints keeps the newest only)
+    # (model_0000009.pth itself is gone by now: train.keep_checkpoints 0 deletes them once the run finishes)
     run_dir = next((repo / "runs").glob("*/seed0/train_done.json")).parent
     done = json.loads((run_dir / "train_done.json").read_text())
     assert done["resumed_from"] >= 10 and done["iterations"] == 200
