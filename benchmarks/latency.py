@@ -10,7 +10,7 @@ Beside the time, each model's GFLOPs on the first image (detectron2's ``FlopCoun
 counts one flop per multiply-add, i.e. GMACs, over convolutions, linear layers and the like; the
 count depends on the image only through how many candidates reach the RoI heads). ``--no-flops``
 skips it.
-``--exported`` also times each model exported by ``pipeline/export.py`` (TorchScript, and ONNX run by
+``--exported`` also times each model exported by ``pipeline/runs/export.py`` (TorchScript, and ONNX run by
 onnxruntime on the CPU), traced on the first image; a model that cannot be exported gets the reason.
 ``--input synthetic`` uses the synthetic scale's models at 160x160; ``coco`` the report's models
 (R50, FPN P3-P7) at 800x1216 (a COCO-sized, 32-divisible input). Weights are random: speed does not
@@ -100,13 +100,13 @@ def gflops(model, image: torch.Tensor, device: str) -> float:
 
 def time_exported(model, cfg, images, device: str, warmup: int) -> dict:
     """
-    Median ms/image of ``model`` exported to TorchScript and to ONNX (``pipeline.export``: the
+    Median ms/image of ``model`` exported to TorchScript and to ONNX (``pipeline.runs.export``: the
     detector with its pre- and post-processing, traced on ``images[0]``), on the same images as the
     PyTorch model. ``{fmt}_ms`` per format, or ``{fmt}_error`` with the reason it was not timed.
     """
     import tempfile
 
-    from pipeline import export as ex
+    from pipeline.runs import export as ex
 
     out = {}
     for fmt in ex.FORMATS:
@@ -197,7 +197,7 @@ def main(argv=None):
                         help="rows: CenterNet2-agnostic and each Table 3 step added cumulatively")
     parser.add_argument("--no-flops", action="store_true", help="skip the GFLOPs count")
     parser.add_argument("--exported", action="store_true",
-                        help="also time the TorchScript and ONNX exports (pipeline/export.py)")
+                        help="also time the TorchScript and ONNX exports (pipeline/runs/export.py)")
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]

@@ -4,7 +4,7 @@ How fast the Table 1 detectors learn at a scale: seconds per iteration and box A
     python benchmarks/learning.py [--detectors NAME ...] [--max-iter N] [--seed 0] [--set KEY=VALUE ...]
                                   [--json FILE] [--keep DIR]
 
-Each detector trains one run of params.yaml's settings (``--set`` overrides them as ``pipeline.train``
+Each detector trains one run of params.yaml's settings (``--set`` overrides them as ``pipeline.runs.train``
 does; ``--max-iter`` defaults to params.yaml's ``train.max_iter``) into a temporary run directory,
 without MLflow, then is evaluated on the whole validation split. Prints, per detector: iterations,
 seconds per iteration (training wall time / iterations, this machine, ``torch`` threads as set),
@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from model.presets import DETECTORS  # noqa: E402
 from pipeline import params as P  # noqa: E402
 from pipeline.atomic import write_text  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.runspec import resolve  # noqa: E402
-from pipeline.train import run  # noqa: E402
+from pipeline.runs.evaluate import evaluate  # noqa: E402
+from pipeline.runs.spec import resolve  # noqa: E402
+from pipeline.runs.train import run  # noqa: E402
 # isort: on
 
 

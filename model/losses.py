@@ -55,7 +55,7 @@ def load_image_counts(path: str, num_classes: int) -> torch.Tensor:
     """
     if not path:
         raise ValueError("MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH is empty: eql and fedloss need the training "
-                         "set's cat_info.json (written by `python -m pipeline.prepare`)")
+                         "set's cat_info.json (written by `python -m pipeline.data.prepare`)")
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH: {file} not found (run the prepare stage)")

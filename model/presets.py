@@ -6,7 +6,7 @@ exactly one config file:
 
 - ``paper``: the yaml as written — the report's settings (ImageNet-initialised R50, 1x schedule).
 - ``synthetic``: the demo on the built-in dataset, on 2 CPU cores: 128-192 px images, ResNet-18
-  started from the pretrain stage's backbone (``pipeline/pretrain.py``, the stand-in for ImageNet;
+  started from the pretrain stage's backbone (``pipeline/runs/pretrain.py``, the stand-in for ImageNet;
   stem and res2 frozen as the report's), 64 FPN channels, 128 training proposals, 32 RoIs per image
   (pooled with 2x2 samples per bin), FC 256. Sizes in pixels (sizes of interest, CenterNet's
   minimum Gaussian radius, anchors) shrink with the images (x0.2); test-time proposal counts stay
@@ -84,7 +84,7 @@ SCALES: Dict[str, Dict[str, object]] = {
         **_FROM_SCRATCH,
         **_sizes(0.2),
         # The runs start from the pretrain stage's backbone (MODEL.WEIGHTS is set by the pipeline:
-        # pipeline/runspec.py); like the report's ImageNet-initialised runs, stem and res2 stay frozen.
+        # pipeline/runs/spec.py); like the report's ImageNet-initialised runs, stem and res2 stay frozen.
         "MODEL.BACKBONE.FREEZE_AT": 2,
         "MODEL.FPN.OUT_CHANNELS": 64,
         "MODEL.ROI_BOX_HEAD.FC_DIM": 256,

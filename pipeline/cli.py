@@ -1,13 +1,13 @@
 """``centernet2-pipeline STAGE [ARGS]``: one entry point for the pipeline's stages.
 
-Each stage is also a module: ``centernet2-pipeline prepare ...`` is ``python -m pipeline.prepare ...``.
+Each stage is also a module: ``centernet2-pipeline prepare ...`` is ``python -m pipeline.data.prepare ...``.
 """
 import importlib
 import sys
 
 STAGES = {
     "env": "pipeline.env",
-    "prepare": "pipeline.prepare",
+    "prepare": "pipeline.data.prepare",
     "demo": "pipeline.demo",
 }
 

@@ -12,7 +12,7 @@ evaluation setting its stage asks for; finished training and evaluations are not
 job fails the stage with the job's id and the tail of its stderr; Ctrl-C cancels every submitted job;
 a Slurm job preempted or timed out is requeued by submitit (``Checkpointable``) and resumes from its
 last checkpoint. Jobs of several GPUs use detectron2's
-``launch``. While it waits, the stage shows each run's progress (``pipeline.progress``).
+``launch``. While it waits, the stage shows each run's progress (``pipeline.runs.progress``).
 """
 import logging
 import os
@@ -25,8 +25,8 @@ import submitit
 import yaml
 
 from pipeline import params as P
-from pipeline.progress import StageProgress
-from pipeline.runspec import RunSpec
+from pipeline.runs.progress import StageProgress
+from pipeline.runs.spec import RunSpec
 
 logger = logging.getLogger("pipeline.launch")
 SLURM_DIR = P.ROOT / "slurm"
@@ -63,7 +63,7 @@ class RunJob(submitit.helpers.Checkpointable):
         os.chdir(cwd)  # data paths in a run's settings are relative to the stage's directory
         if threads:
             torch.set_num_threads(threads)
-        from pipeline import evaluate, train
+        from pipeline.runs import evaluate, train
 
         specs = [RunSpec.from_json(s) for s in specs_json]
         if not (Path(run_dir) / train.DONE_FILE).is_file():
@@ -83,7 +83,7 @@ class RunJob(submitit.helpers.Checkpointable):
 
 
 def _train_worker(run_dir: str, spec_json: str) -> None:
-    from pipeline import train
+    from pipeline.runs import train
 
     train.run(Path(run_dir), RunSpec.from_json(spec_json))
 
@@ -136,11 +136,11 @@ def job_payloads(requests: Sequence[Tuple[Path, List[RunSpec]]]) -> List[List[st
     payload to the job folder (``slurm-logs/``), a file others may read. A URI with credentials
     (``https://user:token@host``) reaches the jobs through ``MLFLOW_TRACKING_URI`` in their
     environment instead (local processes inherit it, Slurm exports it), which the jobs' tracking
-    prefers over the spec's (``pipeline.tracking.tracking_uri``); a variable the user set is kept.
+    prefers over the spec's (``pipeline.runs.tracking.tracking_uri``); a variable the user set is kept.
     """
     from dataclasses import replace
 
-    from pipeline.tracking import redact_uri
+    from pipeline.runs.tracking import redact_uri
 
     for _, specs in requests:
         for spec in specs:

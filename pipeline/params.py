@@ -162,8 +162,8 @@ def _image_size(lo: int, hi: int) -> Callable:
 
 
 def _synthetic_schema():
-    """``data.synthetic``: each value's type and bounds (``pipeline.synthetic.LIMITS``)."""
-    from pipeline.synthetic import LIMITS
+    """``data.synthetic``: each value's type and bounds (``pipeline.data.synthetic.LIMITS``)."""
+    from pipeline.data.synthetic import LIMITS
 
     rules = {}
     for key, (kind, lo, hi) in LIMITS.items():
@@ -272,7 +272,7 @@ def check(params: Dict[str, Any], source: Path = "params.yaml") -> None:
     ``run_studies`` naming studies, and the Slurm profile when ``launcher.cluster`` is slurm.
     Messages name ``source`` (the file given by ``--params``).
     """
-    from pipeline.runspec import study_rows
+    from pipeline.runs.spec import study_rows
 
     try:
         validate(params)

@@ -24,11 +24,11 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from pipeline import params as P
 from pipeline.atomic import write_text
-from pipeline.evaluate import METRICS_FILE, eval_dir
 from pipeline.launch import main_guard, run_all
 from pipeline.paths import inside
-from pipeline.runspec import RunSpec, resolve, study_specs
-from pipeline.tracking import RUN_ID_FILE, Tracker, repo_root
+from pipeline.runs.evaluate import METRICS_FILE, eval_dir
+from pipeline.runs.spec import RunSpec, resolve, study_specs
+from pipeline.runs.tracking import RUN_ID_FILE, Tracker, repo_root
 
 logger = logging.getLogger("pipeline.stage")
 RESULTS = Path("results")

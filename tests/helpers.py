@@ -15,7 +15,7 @@ def tiny_dataset(root: Path, num_val: int = 6, image_size=(64, 80), seed: int = 
                  checksum: "str | None" = "abc123") -> Path:
     """A 24-image, 3-category synthetic dataset in ``root`` (with a ``prepare.json`` naming
     ``checksum`` unless it is None): what the unit tests train and evaluate on."""
-    from pipeline.synthetic import SyntheticSpec, generate
+    from pipeline.data.synthetic import SyntheticSpec, generate
 
     # val_min_images=1: the validation images at the training proportions, as the values pinned by
     # the metric tests were worked out on (the default 8 would make every image hold all 3 categories).

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline import aggregate
+from pipeline.report import aggregate
 
 # One study, four rows; each seed's box AP (APr the same numbers). Row a has a result for seed 2 on
 # disk, but params list seeds [0, 1] for it: that result must be ignored.

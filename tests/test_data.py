@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import prepare as prep
-from pipeline.synthetic import SyntheticSpec, frequency_bucket, generate, target_image_counts
+from pipeline.data import prepare as prep
+from pipeline.data.synthetic import SyntheticSpec, frequency_bucket, generate, target_image_counts
 
 # Big enough that all three LVIS buckets fill (the head category gets 0.6 * 300 = 180 images).
 SPEC = SyntheticSpec(num_train=300, num_val=40, num_classes=16, image_size=(96, 128), seed=3,
@@ -74,7 +74,7 @@ def test_lvis_bucket_boundaries():
 
 def test_long_tail_fills_every_bucket_by_lvis_rule(dataset):
     """Every category's bucket follows the LVIS rule (written out above, not the generator's
-    function). Break tried: the rare threshold moved to < 10 (10 -> c) in pipeline/synthetic.py;
+    function). Break tried: the rare threshold moved to < 10 (10 -> c) in pipeline/data/synthetic.py;
     this test and test_lvis_bucket_boundaries failed on it."""
     train = _load(dataset["out"], "lvis_v1_train.json")
     images_per_cat = defaultdict(set)
@@ -188,7 +188,7 @@ def test_detectron2_catalog_and_lvis_evaluator_accept_the_dataset(dataset, tmp_p
     from detectron2.evaluation import LVISEvaluator
     from detectron2.structures import Boxes, BoxMode, Instances
 
-    from pipeline import datasets
+    from pipeline.data import datasets
 
     datasets.register("synthetic", dataset["out"])
     records = DatasetCatalog.get("synthetic_lvis_val")

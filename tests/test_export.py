@@ -1,5 +1,5 @@
 """
-Exported detectors (pipeline/export.py) give the PyTorch model's detections.
+Exported detectors (pipeline/runs/export.py) give the PyTorch model's detections.
 
 Two smoke-scale runs (CenterNet2-agnostic and CascadeRCNN, 2 training iterations, test score threshold
 1e-4 so every image has detections) are exported to TorchScript and ONNX, traced on the first
@@ -29,9 +29,9 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
-from pipeline import export as ex
-from pipeline import train as tr
-from pipeline.runspec import resolve
+from pipeline.runs import export as ex
+from pipeline.runs import train as tr
+from pipeline.runs.spec import resolve
 from tests.helpers import smoke_params, tiny_dataset
 
 DETECTORS = ("centernet2_agnostic", "cascadercnn")

@@ -25,10 +25,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import evaluate as ev
-from pipeline import train as tr
 from pipeline.params import ROOT
-from pipeline.runspec import resolve
+from pipeline.runs import evaluate as ev
+from pipeline.runs import train as tr
+from pipeline.runs.spec import resolve
 from tests.helpers import tiny_dataset
 
 MAX_ITER, CKPT = 5, 2
@@ -316,7 +316,7 @@ def test_a_full_disk_is_one_line_leaves_no_temp_file_and_a_rerun_resumes(trained
 _HELD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pipeline import train as tr
+    from pipeline.runs import train as tr
     release, original = Path(sys.argv[1]), tr.Trainer.run_step
 
     def held(self):  # the first step waits until the test lets it go
@@ -331,7 +331,7 @@ _HELD = textwrap.dedent("""
 
 def test_a_second_writer_waits_for_the_first_and_reuses_its_run(trained, tmp_path):
     """
-    Two ``pipeline.train`` processes on one run directory: the second says the directory is in
+    Two ``pipeline.runs.train`` processes on one run directory: the second says the directory is in
     use by the first's PID and waits; once the first has finished it finds the run trained. Each
     step is in ``train_metrics.jsonl`` once. Not run on the code before this change (no lock there:
     the waiting line never appears, and the test would fail at its 180 s deadline).
@@ -349,7 +349,7 @@ def test_a_second_writer_waits_for_the_first_and_reuses_its_run(trained, tmp_pat
             time.sleep(0.2)
         second_err = tmp_path / "second.err"
         with open(second_err, "w") as err:
-            second = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=ROOT, env=env,
+            second = subprocess.Popen([sys.executable, "-m", "pipeline.runs.train", *args], cwd=ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=err)
         waiting = f"run dir {run_dir} is in use by PID {first.pid}; waiting for it to finish"
         while waiting not in second_err.read_text():
@@ -428,7 +428,7 @@ def test_evaluating_again_adds_no_second_identical_metric_entry(trained, tmp_pat
     """
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import Tracker
+    from pipeline.runs.tracking import Tracker
 
     run_dir = _copy(trained, tmp_path / "run")
     Tracker().start(run_dir, "faults", "evaluate-twice", 0, {"seed": 0}, {})

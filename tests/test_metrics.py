@@ -14,9 +14,9 @@ import torch
 from pycocotools import mask as mask_util
 from torch import nn
 
-from pipeline import evaluate as ev
-from pipeline import train as tr
-from pipeline.runspec import build_cfg, resolve
+from pipeline.runs import evaluate as ev
+from pipeline.runs import train as tr
+from pipeline.runs.spec import build_cfg, resolve
 from tests.helpers import tiny_dataset
 
 BOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"}

@@ -11,10 +11,12 @@ from dataclasses import asdict
 import pytest
 import yaml
 
-from pipeline import aggregate, prepare, pretrain
 from pipeline import params as P
-from pipeline.runspec import resolve, study_rows, study_specs
-from pipeline.tracking import tracking_uri
+from pipeline.data import prepare
+from pipeline.report import aggregate
+from pipeline.runs import pretrain
+from pipeline.runs.spec import resolve, study_rows, study_specs
+from pipeline.runs.tracking import tracking_uri
 
 # One change per line: a dotted params key and a valid new value; each table1-3 row named here
 # exists in params.yaml.

@@ -1,5 +1,5 @@
 """
-``python -m pipeline.predict`` on a smoke-scale CascadeRCNN run (2 training iterations, test score
+``python -m pipeline.runs.predict`` on a smoke-scale CascadeRCNN run (2 training iterations, test score
 threshold 1e-4 so every image has detections).
 
 The expected detections come from detectron2's own ``DefaultPredictor`` (config.yaml with
@@ -22,9 +22,9 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from PIL import Image
 
-from pipeline import predict as pr
-from pipeline import train as tr
-from pipeline.runspec import resolve
+from pipeline.runs import predict as pr
+from pipeline.runs import train as tr
+from pipeline.runs.spec import resolve
 from tests.helpers import smoke_params, tiny_dataset
 
 

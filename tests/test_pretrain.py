@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline import params as P
-from pipeline import pretrain
-from pipeline.runspec import build_cfg, resolve
-from pipeline.synthetic import COLOURS, PATTERNS, SHAPES
+from pipeline.data.synthetic import COLOURS, PATTERNS, SHAPES
+from pipeline.runs import pretrain
+from pipeline.runs.spec import build_cfg, resolve
 
 
 def test_held_out_combinations_leave_out_every_benchmark_category():

@@ -1,9 +1,9 @@
 """
-The report's per-category AP (``pipeline.report.category_ap``), from saved detections, checked on
+The report's per-category AP (``pipeline.report.figures.category_ap``), from saved detections, checked on
 detections whose AP is known by hand, and the two figures that use a trained run.
 
 Run directory by hand: a tiny synthetic dataset (3 categories), ``run.json`` and a ``config.yaml``
-naming its validation split, and an evaluation directory ``eval/k/`` (``pipeline.evaluate`` writes
+naming its validation split, and an evaluation directory ``eval/k/`` (``pipeline.runs.evaluate`` writes
 one per evaluation setting) with ``lvis_instances_results.json``:
 - category A: every ground-truth box of A on the evaluated images, score 1 -> each is a true
   positive at every IoU threshold, precision 1 at every recall point: AP 100;
@@ -24,8 +24,8 @@ import json
 import pytest
 from detectron2.config import CfgNode
 
-from pipeline import report as rp
-from pipeline.runspec import resolve
+from pipeline.report import figures as rp
+from pipeline.runs.spec import resolve
 from tests.helpers import smoke_params, tiny_dataset
 
 
@@ -79,7 +79,7 @@ def test_the_main_run_is_the_lowest_seed_that_finished_training(tmp_path, monkey
     """``results/main_runs.json`` lists seeds 10, 2 and 1 (1 without weights): seed 2 is used, by the
     report and by ``--run-dir main``; seed order is numeric. Deliberate break tried, which failed this
     test: seeds sorted as strings (seed10 came first)."""
-    from pipeline import predict as pr
+    from pipeline.runs import predict as pr
 
     runs = {}
     for seed, trained in ((10, True), (2, True), (1, False)):

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import evaluate as ev
-from pipeline import train as tr
 from pipeline.params import ROOT
-from pipeline.runspec import resolve
+from pipeline.runs import evaluate as ev
+from pipeline.runs import train as tr
+from pipeline.runs.spec import resolve
 from tests.helpers import tiny_dataset
 
 MAX_ITER, CKPT = 6, 3
@@ -195,7 +195,7 @@ def test_unfinished_run_is_not_evaluated(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys
-    from pipeline.tracking import Tracker
+    from pipeline.runs.tracking import Tracker
     run_dir, seed = sys.argv[1], int(sys.argv[2])
     t = Tracker()
     t.start(run_dir, "concurrent", "agnostic+fedloss", seed, {"seed": seed}, {"seed": str(seed)})

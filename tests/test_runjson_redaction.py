@@ -1,8 +1,8 @@
 """run.json holds no tracking credentials (issue 17): ``prepare_run_dir`` writes the MLflow URI
-through ``pipeline.tracking.redact_uri``, while the spec in memory keeps the real URI."""
+through ``pipeline.runs.tracking.redact_uri``, while the spec in memory keeps the real URI."""
 import json
 
-from pipeline.runspec import RunSpec
+from pipeline.runs.spec import RunSpec
 
 
 class _Cfg:
@@ -15,7 +15,7 @@ def test_run_json_has_no_tracking_credentials(tmp_path):
     from RFC 3986's ``userinfo@host``) and holds neither "secret" nor "user"; the caller's spec is
     unchanged, and preparing the same directory again (a resume) is accepted. Broken deliberately:
     with run.json written from ``spec`` as given, "secret" was in the file."""
-    from pipeline.train import prepare_run_dir
+    from pipeline.runs.train import prepare_run_dir
 
     uri = "https://user:secret@host/x"
     spec = RunSpec(detector="centernet2_agnostic", loss="fedloss", seed=0, scale="smoke",
@@ -36,7 +36,7 @@ def test_job_payloads_carry_no_tracking_credentials(tmp_path, monkeypatch):
     the user set are left as they are. Broken deliberately: the payload built from the specs as
     given (the old code) held "secret"."""
     from pipeline.launch import job_payloads
-    from pipeline.tracking import tracking_uri
+    from pipeline.runs.tracking import tracking_uri
 
     # Recorded first, so the variable job_payloads sets is removed again after the test.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "recorded")

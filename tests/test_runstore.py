@@ -6,10 +6,10 @@ import pytest
 
 from pipeline import params as P
 from pipeline import stage
-from pipeline.evaluate import METRICS_FILE, eval_dir
 from pipeline.launch import StageFailed
-from pipeline.runspec import resolve
-from pipeline.tracking import Tracker
+from pipeline.runs.evaluate import METRICS_FILE, eval_dir
+from pipeline.runs.spec import resolve
+from pipeline.runs.tracking import Tracker
 
 # Hand-made results per (loss, seed): box AP, APr, APc, APf and ms per image.
 RESULTS = {("softmax", 0): (10.0, 5.0, 8.0, 20.0, 30.0), ("softmax", 1): (14.0, 7.0, 8.0, 21.0, 34.0),
@@ -126,8 +126,8 @@ def test_a_changed_evaluation_setting_re_evaluates_without_training(tmp_path, mo
     Deliberate break tried: ``eval`` back in ``RunSpec.identity`` -> a new run directory trained
     (Trainer.train called); the test failed.
     """
-    from pipeline import train as tr
-    from pipeline.synthetic import SyntheticSpec, generate
+    from pipeline.data.synthetic import SyntheticSpec, generate
+    from pipeline.runs import train as tr
 
     data = tmp_path / "data"
     generate(SyntheticSpec(num_train=20, num_val=6, num_classes=3, image_size=(64, 80), seed=2), data)
@@ -172,7 +172,7 @@ def test_progress_lines_are_read_from_the_runs_files(tmp_path):
     tried: ``run_status`` not checking ``train_done.json`` first -> B showed its stale training
     line; the test failed.
     """
-    from pipeline.progress import render
+    from pipeline.runs.progress import render
 
     runs = {name: (tmp_path / name, tmp_path / name / "eval" / "val-all-x") for name in "ABCD"}
     for _, ev_dir in runs.values():
@@ -200,7 +200,7 @@ def test_progress_hook_writes_iteration_loss_and_eta(tmp_path):
 
     from detectron2.utils.events import EventStorage
 
-    from pipeline.progress import ProgressFile
+    from pipeline.runs.progress import ProgressFile
 
     hook = ProgressFile(tmp_path / "progress.json", every=0)
     with EventStorage(0) as storage:
@@ -222,7 +222,7 @@ def test_progress_display_on_a_terminal_and_in_a_log(tmp_path):
 
     from rich.console import Console
 
-    from pipeline.progress import StageProgress
+    from pipeline.runs.progress import StageProgress
 
     spec = resolve(P.load(P.PARAMS_FILE), seed=0, row="rowA")
     run_dir = tmp_path / "A"

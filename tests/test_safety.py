@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from pipeline import params as P
-from pipeline import prepare as prep
 from pipeline import stage
+from pipeline.data import prepare as prep
 
 GOOD = yaml.safe_load(P.PARAMS_FILE.read_text())
 
@@ -93,7 +93,7 @@ def test_data_as_a_string_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
 
 def test_stage_main_checks_the_synthetic_sizes(tmp_path, monkeypatch, capsys):
     """``data.synthetic.num_train: -1`` stops ``stage main`` before any job (its bounds are
-    [20, 120000], pipeline.synthetic.LIMITS). Broken deliberately: with the schema accepting any
+    [20, 120000], pipeline.data.synthetic.LIMITS). Broken deliberately: with the schema accepting any
     value under data.synthetic (as before) the stage went on to submit training."""
     monkeypatch.chdir(tmp_path)
     bad = _write(tmp_path, _with(**{"data.synthetic.num_train": -1}))
@@ -154,7 +154,7 @@ def test_study_and_row_names_must_be_plain_names(tmp_path, monkeypatch, capsys, 
     (["--num-classes", "1000"], "--num-classes 1000: must be an integer in [3, 192]"),
 ])
 def test_synthetic_size_flags_are_bounded(tmp_path, monkeypatch, capsys, flags, problem):
-    """The caps of pipeline.synthetic.LIMITS hold for prepare's flags too (192 = 8 shapes x 8
+    """The caps of pipeline.data.synthetic.LIMITS hold for prepare's flags too (192 = 8 shapes x 8
     colours x 3 patterns). Broken deliberately: without the flag check (only ``>= 20``, as before),
     --num-train 300000000 started generating."""
     monkeypatch.chdir(tmp_path)
@@ -251,7 +251,7 @@ def test_validation_is_cached_on_size_and_mtime(tmp_path, monkeypatch, capsys):
     modification time changes, only that one is opened again. Counted by wrapping
     ``validate.check_image``. Broken deliberately: with both cache lookups removed, the second run
     opened the images again and this test failed."""
-    from pipeline import validate
+    from pipeline.data import validate
 
     monkeypatch.chdir(tmp_path)
     root = _tiny_lvis(tmp_path / "datasets")
@@ -276,7 +276,7 @@ def test_images_are_checked_by_a_process_pool_and_the_first_bad_one_is_named(tmp
     message names images[1] (the lowest index), whichever process finishes first. Broken
     deliberately: with the pool replaced by a plain loop, ``ProcessPoolExecutor`` was not called and
     the assertion on ``pools`` failed."""
-    from pipeline import validate
+    from pipeline.data import validate
 
     root = _tiny_lvis(tmp_path / "datasets")
     for k in (2, 3):
@@ -294,7 +294,7 @@ def test_images_are_checked_by_a_process_pool_and_the_first_bad_one_is_named(tmp
 
 
 def datasets_layout(root: Path):
-    from pipeline import datasets
+    from pipeline.data import datasets
 
     return datasets.layout("lvis_v1", root)
 
@@ -310,7 +310,7 @@ def test_loader_names_an_image_that_broke_after_validation(tmp_path, workers):
     from detectron2.data import DatasetMapper
     from torch.utils.data import DataLoader
 
-    from pipeline.loader import ImageReadError, PositionSeededDataset
+    from pipeline.data.loader import ImageReadError, PositionSeededDataset
 
     root = _tiny_lvis(tmp_path / "datasets")
     image = root / "coco" / "train2017" / "000000000001.png"
@@ -363,7 +363,7 @@ def test_sigterm_removes_the_partial_output(tmp_path):
     import time
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", "--synthetic", "--num-train", "2000",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.data.prepare", "--synthetic", "--num-train", "2000",
                              "--no-figures", "--out", str(out)], cwd=P.ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp-*/images")) and time.time() < deadline and proc.poll() is None:
@@ -396,8 +396,8 @@ def test_tracking_uri_credentials_are_not_written(tmp_path):
     """``redact_uri`` drops user and token, keeps host, port and path (worked by hand from RFC 3986's
     ``userinfo@host``); ``reports/runs.md``'s text holds no token. Broken deliberately: with
     runs_table writing ``uri`` as given, the token appeared in its text."""
-    from pipeline.report import runs_table
-    from pipeline.tracking import redact_uri
+    from pipeline.report.figures import runs_table
+    from pipeline.runs.tracking import redact_uri
 
     assert redact_uri("https://alice:s3cret@mlflow.example.org:5000/x?y=1") == "https://mlflow.example.org:5000/x?y=1"
     assert redact_uri("http://token@host/") == "http://host/"
@@ -411,7 +411,7 @@ def test_mlflow_filters_quote_names_safely(tmp_path):
     """A parent run named ``row'; x`` (a quote: it broke the f-string filter) is created once and
     found again by the second lookup. Broken deliberately: with the old ``'{ablation}'`` filter the
     second lookup raised MlflowException (invalid filter)."""
-    from pipeline.tracking import Tracker, filter_value
+    from pipeline.runs.tracking import Tracker, filter_value
 
     assert filter_value("a'b") == '"a\'b"' and filter_value('a"b') == "'a\"b'"
     with pytest.raises(ValueError):

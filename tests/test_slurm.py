@@ -46,7 +46,7 @@ def _sacct(job: str):
 def repo(tmp_path):
     repo = scratch_repo(tmp_path / "repo", **{"launcher.cluster": "slurm", "launcher.profile": "local.yaml",
                                               "launcher.timeout_min": 20})
-    sh(repo, "python", "-m", "pipeline.prepare", "--no-figures")
+    sh(repo, "python", "-m", "pipeline.data.prepare", "--no-figures")
     return repo
 
 

@@ -56,8 +56,8 @@ def test_mask_switch_adds_mask_loss_and_segm_is_evaluated(tmp_path_factory):
     Breaks tried, each failed this test: the RoI heads' mask branch returning no loss in training
     (no loss_mask), and evaluation asking the evaluator for ("bbox",) only (no segm).
     """
-    from pipeline import evaluate as ev
-    from pipeline.synthetic import SyntheticSpec, generate
+    from pipeline.data.synthetic import SyntheticSpec, generate
+    from pipeline.runs import evaluate as ev
     from tests.test_metrics import KnownPredictions, ground_truth, untrained_run
 
     cfg = _cfg(["mask"])

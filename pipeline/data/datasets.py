@@ -1,7 +1,7 @@
 """
 Where each dataset lives on disk and how it is registered with detectron2's catalogs.
 
-- ``synthetic`` (built in; written by ``python -m pipeline.prepare``) gives two datasets of the same
+- ``synthetic`` (built in; written by ``python -m pipeline.data.prepare``) gives two datasets of the same
   images: ``synthetic_lvis_{train,val}`` (federated LVIS v1 labels) and ``synthetic_coco_{train,val}``
   (every object labelled, COCO schema: the COCO column of Table 1).
 - ``lvis_v1`` and ``coco_2017`` use detectron2's usual layout under ``root``

@@ -1,6 +1,6 @@
 """
 Run a trained run on your own images:
-``python -m pipeline.predict --run-dir DIR INPUT... [--out OUT] [--threshold T] [--device D]``.
+``python -m pipeline.runs.predict --run-dir DIR INPUT... [--out OUT] [--threshold T] [--device D]``.
 
 ``--run-dir main`` is the main experiment's run of its first seed (``results/main_runs.json``).
 ``INPUT`` is an image file, a folder (its images, not recursive) or a glob (``'photos/**/*.jpg'``).
@@ -37,9 +37,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
-from pipeline import datasets
 from pipeline.atomic import write_text
-from pipeline.runspec import RunSpec
+from pipeline.data import datasets
+from pipeline.runs.spec import RunSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WEIGHTS = "model_final.pth"
@@ -97,7 +97,7 @@ def load_config(run_dir: Path, device: str = "auto") -> CfgNode:
     if device not in DEVICES:
         raise RunError(f"--device {device!r}; allowed: {', '.join(DEVICES)}")
     if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir}: no config.yaml; is this a run directory (python -m pipeline.train)?")
+        raise RunError(f"{run_dir}: no config.yaml; is this a run directory (python -m pipeline.runs.train)?")
     cfg = CfgNode.load_cfg((run_dir / "config.yaml").read_text())
     if device == "auto":
         device = "cuda" if cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available() else "cpu"
@@ -131,7 +131,7 @@ def val_split(run_dir: Path) -> datasets.Split:
         splits = datasets.register(spec.data_name, root)
     except FileNotFoundError as e:
         raise RunError(f"the run's dataset ({spec.data_name}) is not on disk: {e}; "
-                       f"run `python -m pipeline.prepare` with the run's data settings") from None
+                       f"run `python -m pipeline.data.prepare` with the run's data settings") from None
     return next(s for flavour in splits.values() for s in flavour if s.name == cfg.DATASETS.TEST[0])
 
 
@@ -286,7 +286,7 @@ def predict(run_dir: Path, inputs: Sequence[str], out: Path, threshold: float = 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runs.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=run_dir_arg, required=True,
                         help="a finished run (holds model_final.pth), or `main`: the main experiment's first seed")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder, or glob")

@@ -1,5 +1,5 @@
 """
-Train one run: ``python -m pipeline.train --run-dir DIR [--set KEY=VALUE ...] [--seed S]``.
+Train one run: ``python -m pipeline.runs.train --run-dir DIR [--set KEY=VALUE ...] [--seed S]``.
 
 ``KEY`` is a dotted ``params.yaml`` key, the same keys ``dvc exp run -S`` takes (``--set scale=smoke
 --set loss=fedloss``). The run directory records the resolved settings (``run.json``) and the
@@ -28,7 +28,7 @@ Failing safely:
   resuming falls back to the newest readable kept checkpoint, or stops saying how to start again.
 - A full disk: ``error: no space left on device writing <file> (<n> MB needed)``, the temporary file
   removed; the next run resumes from the last complete checkpoint.
-- One writer per run directory (a file lock): a second ``pipeline.train`` on the same directory
+- One writer per run directory (a file lock): a second ``pipeline.runs.train`` on the same directory
   waits for the first to finish and then finds the run trained (or resumes it, if the first failed).
 - Any error once the MLflow run exists marks it FAILED.
 """
@@ -64,10 +64,10 @@ from filelock import FileLock, Timeout
 
 from pipeline import params as P
 from pipeline.atomic import write_text
-from pipeline.loader import LazyLoader, build_train_loader
-from pipeline.progress import PROGRESS_FILE, ProgressFile
-from pipeline.runspec import RunSpec, build_cfg, resolve
-from pipeline.tracking import Tracker, git_commit, redact_uri
+from pipeline.data.loader import LazyLoader, build_train_loader
+from pipeline.runs.progress import PROGRESS_FILE, ProgressFile
+from pipeline.runs.spec import RunSpec, build_cfg, resolve
+from pipeline.runs.tracking import Tracker, git_commit, redact_uri
 
 DONE_FILE = "train_done.json"
 METRICS_LOG = "train_metrics.jsonl"
@@ -83,7 +83,7 @@ DEFAULT_KEEP_CHECKPOINTS = 0
 # iteration: name order is iteration order) and the final weights.
 PERIODIC_NAME = re.compile(r"model_[0-9]{7}\.pth")
 LOCK_FILE, PID_FILE = ".train.lock", ".train.pid"  # one writer per run directory (see lock_run_dir)
-logger = logging.getLogger("pipeline.train")
+logger = logging.getLogger("pipeline.runs.train")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -484,7 +484,7 @@ def fetch_initial_weights(source: str) -> InitialWeights:
 
 def lock_run_dir(run_dir: Path) -> FileLock:
     """
-    The run directory's lock, held: one ``pipeline.train`` writes a run directory at a time. A
+    The run directory's lock, held: one ``pipeline.runs.train`` writes a run directory at a time. A
     second one says ``run dir <dir> is in use by PID <n>; waiting for it to finish`` and waits (then
     finds the run trained, or resumes it if the first failed). The kernel releases the lock of a
     killed process.
@@ -581,8 +581,8 @@ def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
 
 
 def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
-    from pipeline import datasets
-    from pipeline.run_figures import loss_curve
+    from pipeline.data import datasets
+    from pipeline.runs.figures import loss_curve
 
     datasets.register(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
                       else Path(spec.data.get("root") or datasets.default_root()))
@@ -592,7 +592,7 @@ def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
     starting = not periodic_checkpoints(run_dir) and not (run_dir / "last_checkpoint").exists()
     if starting and spec.pretrain is not None and not Path(cfg.MODEL.WEIGHTS).is_file():
         raise CheckpointError(f"{cfg.MODEL.WEIGHTS} not found: the {spec.scale} scale starts from the pretrain "
-                              f"stage's backbone; run `dvc repro pretrain` (or `python -m pipeline.pretrain`) "
+                              f"stage's backbone; run `dvc repro pretrain` (or `python -m pipeline.runs.pretrain`) "
                               f"first, or set train.weights")
     weights = fetch_initial_weights(weights_source(spec, cfg)) if starting and weights_source(spec, cfg) else None
     cfg.defrost()
@@ -634,7 +634,7 @@ def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runs.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="the run's directory (created or resumed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml key (repeatable), e.g. --set loss=eql")

@@ -19,7 +19,7 @@ from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from pipeline.validate import DataError
+from pipeline.data.validate import DataError
 
 
 class ImageReadError(DataError):
@@ -67,7 +67,7 @@ class PositionSeededDataset(Dataset):
         except (OSError, SyntaxError) as e:  # missing, not an image, truncated; PIL: SyntaxError for a broken PNG
             raise ImageReadError(f"{record.get('file_name')}: image {record.get('image_id')} cannot be read "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run "
-                                 f"`python -m pipeline.prepare` to validate "
+                                 f"`python -m pipeline.data.prepare` to validate "
                                  f"the dataset again") from None
 
 

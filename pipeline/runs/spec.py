@@ -35,7 +35,7 @@ class RunSpec:
     # train.weights): part of the identity, since they determine the initial weights.
     pretrain: Optional[Dict[str, Any]] = None
     # Where training started: {"source", "path", "sha256"} of train.weights / the preset's weights,
-    # null from scratch (written by pipeline.train; a record, not part of identity()).
+    # null from scratch (written by pipeline.runs.train; a record, not part of identity()).
     initial_weights: Optional[Dict[str, str]] = None
 
     @property
@@ -130,7 +130,7 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
 
 
 # Scales whose runs start, unless train.weights says otherwise, from the pretrain stage's backbone
-# (pipeline/pretrain.py) -- the synthetic stand-in for the report's ImageNet initialisation.
+# (pipeline/runs/pretrain.py) -- the synthetic stand-in for the report's ImageNet initialisation.
 PRETRAINED_SCALES = ("synthetic",)
 
 
@@ -187,7 +187,7 @@ def num_classes(spec: RunSpec) -> int:
         return REAL_NUM_CLASSES[spec.data_name]
     cat_info = spec.data_dir / "cat_info.json"
     if not cat_info.is_file():
-        raise FileNotFoundError(f"{cat_info} not found: run `python -m pipeline.prepare` first")
+        raise FileNotFoundError(f"{cat_info} not found: run `python -m pipeline.data.prepare` first")
     return len(json.loads(cat_info.read_text()))
 
 
@@ -197,7 +197,7 @@ def build_cfg(spec: RunSpec, run_dir: Path):
 
     from model import get_model_cfg
     from model.switches import apply_switches
-    from pipeline import datasets
+    from pipeline.data import datasets
 
     splits = datasets.layout(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
                              else Path(spec.data.get("root") or datasets.default_root()))
@@ -213,7 +213,7 @@ def build_cfg(spec: RunSpec, run_dir: Path):
         "SEED", spec.seed, "OUTPUT_DIR", str(run_dir),
     ]
     if spec.pretrain is not None:
-        from pipeline.pretrain import OUTPUT_DIR, WEIGHTS_FILE
+        from pipeline.runs.pretrain import OUTPUT_DIR, WEIGHTS_FILE
 
         overrides += ["MODEL.WEIGHTS", str(OUTPUT_DIR / WEIGHTS_FILE)]
     if spec.annotations == "coco":  # exhaustive labels: no repeat-factor sampling (that is for LVIS)

@@ -6,7 +6,7 @@ stage's runs are done.
 Everything is read from the run directories, so it works the same for local processes and Slurm
 jobs on other machines (a shared file system): the training writes ``progress.json`` in its run
 directory every few seconds (:class:`ProgressFile`, a detectron2 hook), the evaluation one in its
-evaluation directory (``pipeline.evaluate.TimedModel``). On a terminal the lines are a live
+evaluation directory (``pipeline.runs.evaluate.TimedModel``). On a terminal the lines are a live
 ``rich`` table redrawn in place; otherwise (CI, Slurm logs, ``dvc repro`` piped) plain lines are
 printed at a lower rate.
 """
@@ -19,11 +19,11 @@ from typing import List, Optional, Sequence, Tuple
 from detectron2.engine import HookBase
 
 from pipeline.atomic import write_text
-from pipeline.runspec import RunSpec
+from pipeline.runs.spec import RunSpec
 
 PROGRESS_FILE = "progress.json"  # in a run directory (training) and in an evaluation directory
-DONE_FILE = "train_done.json"  # as pipeline.train writes it (not imported: that pulls in training)
-METRICS_FILE = "metrics.json"  # as pipeline.evaluate writes it
+DONE_FILE = "train_done.json"  # as pipeline.runs.train writes it (not imported: that pulls in training)
+METRICS_FILE = "metrics.json"  # as pipeline.runs.evaluate writes it
 
 
 class ProgressFile(HookBase):
@@ -100,7 +100,7 @@ class StageProgress:
                  plain_every: float = 60.0, console=None):
         from rich.console import Console
 
-        from pipeline.evaluate import eval_dir
+        from pipeline.runs.evaluate import eval_dir
 
         self.jobs = [(f"{specs[0].ablation} seed{specs[0].seed}", Path(d), [eval_dir(d, s) for s in specs])
                      for d, specs in requests]

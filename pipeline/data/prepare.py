@@ -1,10 +1,10 @@
 """
-The prepare stage: ``python -m pipeline.prepare [flags]``.
+The prepare stage: ``python -m pipeline.data.prepare [flags]``.
 
 Reads ``params.yaml`` (``data:``; the whole file is checked first, as every stage checks it); flags
 override it. For ``data.name: synthetic`` it generates the built-in dataset (see
-``pipeline/synthetic.py``) under ``data/synthetic``; for ``lvis_v1`` / ``coco_2017`` it validates the
-annotation files and opens every image under ``data.root`` (``pipeline/validate.py``; cached in
+``pipeline/data/synthetic.py``) under ``data/synthetic``; for ``lvis_v1`` / ``coco_2017`` it validates the
+annotation files and opens every image under ``data.root`` (``pipeline/data/validate.py``; cached in
 ``data/<name>/validated/``, so a second run only stats the files) and writes
 ``data/<name>/cat_info.json``. Either way it writes ``data/<name>/prepare.json`` (settings, counts and
 a sha256 checksum of the dataset) and the two data figures under ``reports/figures/``.
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from pipeline import params as P
-from pipeline.synthetic import SyntheticSpec, frequency_bucket
-from pipeline.validate import DataError, validate_instances
+from pipeline.data.synthetic import SyntheticSpec, frequency_bucket
+from pipeline.data.validate import DataError, validate_instances
 
 FIGURES_DIR = Path("reports/figures")
-# Under a real dataset's output: which files passed validation (pipeline.validate's cache).
+# Under a real dataset's output: which files passed validation (pipeline.data.validate's cache).
 VALIDATION_CACHE = "validated"
 
 
@@ -113,7 +113,7 @@ def _validate_splits(splits, cache_dir: Optional[Path] = None) -> Dict[str, Dict
 
 
 def _figures(splits, cat_info: Path, figures_dir: Path) -> None:
-    from pipeline.data_figures import frequency_histogram, sample_grid
+    from pipeline.data.figures import frequency_histogram, sample_grid
 
     coco_train = splits["coco"][0] if "coco" in splits else None
     labels = splits["lvis"][0] if "lvis" in splits else coco_train
@@ -126,7 +126,7 @@ def prepare(name: str, root: Optional[Path], spec: SyntheticSpec, out: Path,
             figures_dir: Optional[Path] = FIGURES_DIR, force: bool = False) -> Dict[str, Any]:
     """Build ``out`` (see module docstring); returns what is written to ``out/prepare.json``. An
     existing ``out`` is replaced only when :func:`check_replaceable` allows it."""
-    from pipeline import datasets
+    from pipeline.data import datasets
 
     start = time.time()
     out = Path(out)
@@ -135,7 +135,7 @@ def prepare(name: str, root: Optional[Path], spec: SyntheticSpec, out: Path,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if name == "synthetic":
-            from pipeline.synthetic import generate
+            from pipeline.data.synthetic import generate
 
             summary = generate(spec, tmp)
             splits = datasets.layout(name, tmp)
@@ -220,7 +220,7 @@ def _terminated(signum, frame):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.data.prepare", description=__doc__.split("\n\n")[1])
     parser.add_argument("--params", type=Path, default=P.PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("--synthetic", action="store_true", help="the built-in synthetic dataset (data.name=synthetic)")
     parser.add_argument("--name", choices=P.DATASETS, help="data.name")

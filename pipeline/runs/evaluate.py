@@ -1,5 +1,5 @@
 """
-Evaluate one trained run: ``python -m pipeline.evaluate --run-dir DIR``.
+Evaluate one trained run: ``python -m pipeline.runs.evaluate --run-dir DIR``.
 
 Runs the final checkpoint over the validation split with detectron2's ``LVISEvaluator`` (the official
 ``lvis`` API: AP, AP50, AP75, APs/m/l, APr/c/f; box, and mask when the model has a mask head) or
@@ -40,14 +40,14 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from model.switches import apply_switches
-from pipeline import datasets
 from pipeline.atomic import write_text
-from pipeline.progress import PROGRESS_FILE
-from pipeline.runspec import RunSpec
-from pipeline.tracking import RUN_ID_FILE, Tracker
-from pipeline.train import DONE_FILE, AtomicCheckpointer, CheckpointError, dataset_checksum, final_weights
+from pipeline.data import datasets
+from pipeline.runs.progress import PROGRESS_FILE
+from pipeline.runs.spec import RunSpec
+from pipeline.runs.tracking import RUN_ID_FILE, Tracker
+from pipeline.runs.train import DONE_FILE, AtomicCheckpointer, CheckpointError, dataset_checksum, final_weights
 
-logger = logging.getLogger("pipeline.evaluate")
+logger = logging.getLogger("pipeline.runs.evaluate")
 METRICS_FILE = "metrics.json"
 
 
@@ -131,7 +131,7 @@ def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.M
     """
     run_dir = Path(run_dir)
     if not (run_dir / DONE_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir}: no finished training ({DONE_FILE}); run pipeline.train first")
+        raise FileNotFoundError(f"{run_dir}: no finished training ({DONE_FILE}); run pipeline.runs.train first")
     weights = final_weights(run_dir) if model is None else None  # before any output: a missing file is one line
     trained = RunSpec.from_json((run_dir / "run.json").read_text())
     spec = spec or trained
@@ -218,7 +218,7 @@ def _not_logged(tracker: Tracker, metrics: dict, step: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runs.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--warmup", type=int, help="untimed first images (default: the run's eval.warmup)")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N validation images "

@@ -1,5 +1,5 @@
 """
-The pretrain stage: ``python -m pipeline.pretrain [--params FILE]``.
+The pretrain stage: ``python -m pipeline.runs.pretrain [--params FILE]``.
 
 The report's detectors start from an ImageNet-pretrained ResNet (report section 4; the official
 configs' ``MODEL.WEIGHTS``). Without ImageNet, the synthetic scale starts from a backbone this stage
@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline import params as P
 from pipeline.atomic import write_text
-from pipeline.runspec import PRETRAINED_SCALES
+from pipeline.runs.spec import PRETRAINED_SCALES
 
 OUTPUT_DIR = Path("data/pretrain")
 WEIGHTS_FILE = "backbone.pth"
@@ -46,7 +46,7 @@ DEFAULTS = {"num_images": 20000, "image_size": 64, "max_iter": 300, "batch_size"
 def held_out_combos(benchmark_names: Sequence[str]) -> List[Tuple[str, str, str]]:
     """Every (shape, colour, pattern) combination whose ``colour_pattern_shape`` name is not a
     benchmark category, in a fixed order."""
-    from pipeline.synthetic import COLOURS, PATTERNS, SHAPES
+    from pipeline.data.synthetic import COLOURS, PATTERNS, SHAPES
 
     taken = set(benchmark_names)
     return [(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS if f"{c}_{p}_{s}" not in taken]
@@ -57,7 +57,7 @@ def render(combo: Tuple[str, str, str], size: int, rng: np.random.Generator) -> 
     benchmark-style background, the object's side log-uniform in [size/5, 0.9 size]."""
     from PIL import Image, ImageDraw
 
-    from pipeline.synthetic import COLOURS, _background, _pattern_fill, _sample_polygon
+    from pipeline.data.synthetic import COLOURS, _background, _pattern_fill, _sample_polygon
 
     shape, colour, pattern = combo
     canvas = _background(size, size, rng)
@@ -118,7 +118,7 @@ def train(settings: Dict[str, Any], combos, out: Path, scale: str = SCALE, log=p
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone import build_resnet_backbone
 
-    from pipeline.train import write_checkpoint_file
+    from pipeline.runs.train import write_checkpoint_file
 
     torch.manual_seed(settings["seed"])
     workers = max(1, torch.get_num_threads())
@@ -184,11 +184,11 @@ def stage_settings(params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runs.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=P.PARAMS_FILE, help="params file (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output directory (default: %(default)s)")
     args = parser.parse_args(argv)
-    from pipeline.train import DiskFull
+    from pipeline.runs.train import DiskFull
 
     try:
         params = P.load(args.params)
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         if data["name"] == "synthetic":
             cat_info = Path(data.get("root") or "data/synthetic") / "cat_info.json"
             if not cat_info.is_file():
-                raise P.ParamError(f"{cat_info} not found: run `python -m pipeline.prepare` first")
+                raise P.ParamError(f"{cat_info} not found: run `python -m pipeline.data.prepare` first")
             names = [c["name"] for c in json.loads(cat_info.read_text())]
         info = train(settings, held_out_combos(names), args.out, scale)
     except (P.ParamError, DiskFull) as e:

@@ -1,13 +1,13 @@
 """
-The report stage: ``python -m pipeline.report``.
+The report stage: ``python -m pipeline.report.figures``.
 
-From the study results (the same rows and seeds as the tables, via ``pipeline.aggregate.collect``)
+From the study results (the same rows and seeds as the tables, via ``pipeline.report.aggregate.collect``)
 draws (matplotlib PNG, ``reports/figures/``):
 - ``ap_rcf.png``: AP_r / AP_c / AP_f bars with error bars (std over seeds) per detector and loss;
 - ``loss_curves.png``: training loss per study row (mean over seeds);
 - ``accuracy_vs_runtime.png``: box AP against inference ms/image per detector, the report's beside;
 - ``predictions.png``: the main experiment's first seed on the first validation images
-  (``pipeline.predict``: detections scoring at least ``PREDICTION_THRESHOLD``, the best
+  (``pipeline.runs.predict``: detections scoring at least ``PREDICTION_THRESHOLD``, the best
   ``PREDICTION_MAX`` per image);
 - ``ap_by_category.png``: per Table 2 row, each category's box AP (mean over seeds) against its
   training image count (log scale), coloured by LVIS frequency bucket: how a loss treats the tail.
@@ -30,12 +30,12 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline import params as P  # noqa: E402
-from pipeline.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect  # noqa: E402
 from pipeline.atomic import save_figure, write_text  # noqa: E402
 from pipeline.paths import inside  # noqa: E402
-from pipeline.runspec import RunSpec, study_rows  # noqa: E402
+from pipeline.report.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect  # noqa: E402
+from pipeline.runs.spec import RunSpec, study_rows  # noqa: E402
+from pipeline.runs.tracking import filter_value, redact_uri, tracking_uri  # noqa: E402
 from pipeline.stage import RESULTS, params_main  # noqa: E402
-from pipeline.tracking import filter_value, redact_uri, tracking_uri  # noqa: E402
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
@@ -117,16 +117,16 @@ def _placeholder(path: Path, text: str) -> None:
 
 def main_run_dir(results_dir: Path = RESULTS) -> Optional[Path]:
     """The main experiment's trained run of its lowest seed (``results/main_runs.json``), or None."""
-    from pipeline import predict
+    from pipeline.runs import predict
 
     return predict.main_run_dir(results_dir / "main_runs.json")
 
 
 def predictions(run_dir: Path, path: Path) -> None:
-    """The run's detections on its first validation images, drawn by ``pipeline.predict``."""
+    """The run's detections on its first validation images, drawn by ``pipeline.runs.predict``."""
     from detectron2.data import DatasetCatalog
 
-    from pipeline import predict
+    from pipeline.runs import predict
 
     if run_dir is None:
         _placeholder(path, "no trained main run yet (dvc repro main)")
@@ -163,7 +163,7 @@ def category_ap(eval_dir: Path, run_dir: Path) -> Dict[int, float]:
 
     from lvis import LVIS, LVISEval, LVISResults
 
-    from pipeline import predict
+    from pipeline.runs import predict
 
     results_file = eval_dir / "lvis_instances_results.json"
     cache = eval_dir / "ap_by_category.json"
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
         return (f"wrote {FIGURES}/ap_rcf.png, loss_curves.png, accuracy_vs_runtime.png, predictions.png, "
                 f"ap_by_category.png and {REPORTS}/runs.md")
 
-    params_main(argv, "python -m pipeline.report", __doc__, work)
+    params_main(argv, "python -m pipeline.report.figures", __doc__, work)
 
 
 if __name__ == "__main__":

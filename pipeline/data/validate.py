@@ -10,7 +10,7 @@ The first problem found raises :class:`DataError` whose one-line message names t
 Every image is opened: its header must parse (a known image format), its size must be the record's
 ``width`` x ``height``, and its file must be complete (a PNG's chunks are read through its ``IEND``;
 a JPEG must end with its end-of-image marker). Pixels are not decoded: a file damaged inside its
-compressed data still gets one line from the training data loader (``pipeline.loader``). The images
+compressed data still gets one line from the training data loader (``pipeline.data.loader``). The images
 are checked by a pool of processes, one per available core, with a progress bar (tqdm on a
 terminal, else a line every 10 % for large sets). What passed is cached (JSON, keyed on each file's
 path, size and modification time): a second validation of unchanged files only stats them.

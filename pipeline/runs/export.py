@@ -1,5 +1,5 @@
 """
-Export a trained run: ``python -m pipeline.export --run-dir DIR --format torchscript|onnx [--out FILE]
+Export a trained run: ``python -m pipeline.runs.export --run-dir DIR --format torchscript|onnx [--out FILE]
 [--image FILE] [--device cpu|cuda]``.
 
 The run's detector (``config.yaml`` + ``model_final.pth``) is traced with detectron2's
@@ -8,7 +8,7 @@ and saved as a TorchScript module (``torch.jit.trace``) or an ONNX file (``torch
 TorchScript-based exporter, opset 17). The graph:
 
 - input ``image``: (3, H, W) float32, pixel values 0-255 in the run's ``INPUT.FORMAT`` channel order
-  (BGR), already resized by the test-time ``ResizeShortestEdge`` (as ``pipeline.predict`` does; an
+  (BGR), already resized by the test-time ``ResizeShortestEdge`` (as ``pipeline.runs.predict`` does; an
   image resize is left to the application's image library, since the training resize is PIL's);
 - inside: pixel normalisation, padding to the backbone's size divisibility, the detector, NMS, and the
   post-processing (boxes clipped to the image);
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_text
-from pipeline.predict import DEVICES, Predictor, RunError, categories, run_dir_arg, val_split
+from pipeline.runs.predict import DEVICES, Predictor, RunError, categories, run_dir_arg, val_split
 
 FORMATS = {"torchscript": ".ts.pt", "onnx": ".onnx"}
 OUTPUT_NAMES = ("boxes", "scores", "classes")
@@ -206,7 +206,7 @@ def load_exported(path: Path, device: str = "cpu"):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runs.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=run_dir_arg, required=True,
                         help="a finished run (holds model_final.pth), or `main`: the main experiment's first seed")
     parser.add_argument("--format", choices=sorted(FORMATS), required=True)

@@ -12,7 +12,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.atomic import save_figure  # noqa: E402
-from pipeline.synthetic import frequency_bucket  # noqa: E402
+from pipeline.data.synthetic import frequency_bucket  # noqa: E402
 
 BUCKET_COLOURS = {"r": "#d62728", "c": "#ff7f0e", "f": "#1f77b4"}
 BUCKET_NAMES = {"r": "rare (1-10 images)", "c": "common (11-100)", "f": "frequent (>100)"}
