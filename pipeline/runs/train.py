@@ -72,8 +72,10 @@ from pipeline.runs.tracking import Tracker, git_commit, redact_uri
 DONE_FILE = "train_done.json"
 METRICS_LOG = "train_metrics.jsonl"
 FINAL_WEIGHTS = "model_final.pth"
-# train.final_dtype: what model_final.pth stores its floating-point tensors as. float16 halves the run
-# store (57 -> 28 MB a run at the synthetic scale); float32 keeps the trained values bit for bit.
+# train.final_dtype: what model_final.pth stores its floating-point tensors as. float16 halves it (55 ->
+# 27 MiB a run at the synthetic scale) for a negligible change (measured on a CenterNet2-agnostic run,
+# all 200 synthetic val images: box AP 5.635 against 5.630 in float32, AP_r equal); float32 keeps the
+# trained values bit for bit.
 FINAL_DTYPES = {name: getattr(torch, name) for name in P.FINAL_DTYPES}
 DEFAULT_FINAL_DTYPE = "float16"
 # train.keep_checkpoints: periodic checkpoints (model + optimizer + scheduler) left once a run has
