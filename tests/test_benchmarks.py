@@ -3,7 +3,9 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
+from model import get_model_cfg
 from pipeline.params import ROOT
 
 
@@ -59,3 +61,27 @@ def test_latency_reports_a_positive_median_for_each_detector(tmp_path):
     for row in rows.values():
         assert row["ms_per_image"] >= 1.0, row
     assert rows["centernet"]["proposals"] == 0 and rows["cascadercnn"]["proposals"] > 0
+
+
+def test_latency_gives_an_untrained_rpn_its_configured_proposals():
+    """An untrained RPN whose random box deltas are large (as they are, in effect, at 800x1216: every
+    anchor decodes to nearly the image) collapses under NMS: CascadeRCNN was once timed on 2
+    proposals. ``propose_like_trained`` zeroes the deltas, so the proposals are the anchors and the
+    RoI heads get ``POST_NMS_TOPK_TEST`` (1000) of them, as a trained RPN's on a real image; the
+    hook counts what the RoI heads received. Worked out here (smoke CascadeRCNN, 96x96 input, 1746
+    anchors, deltas drawn with std 10): 353 proposals before, 1000 after."""
+    from detectron2.modeling import build_model
+
+    bench = _load("latency")
+    cfg = get_model_cfg("cascadercnn", "smoke", num_classes=3, overrides=["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.nn.init.normal_(model.proposal_generator.rpn_head.anchor_deltas.weight, std=10.0)
+    counts = bench.count_proposals(model)
+    image = torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model([{"image": image}])
+        bench.propose_like_trained(model)
+        model([{"image": image}])
+    assert counts[0] < cfg.MODEL.RPN.POST_NMS_TOPK_TEST
+    assert counts[1] == cfg.MODEL.RPN.POST_NMS_TOPK_TEST == 1000
