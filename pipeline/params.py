@@ -46,6 +46,7 @@ OWNED_OPTS = {
     "SOLVER.BASE_LR": "use train.base_lr instead",
     "SOLVER.CHECKPOINT_PERIOD": "use train.checkpoint_period instead",
     "DATALOADER.NUM_WORKERS": "use train.num_workers instead",
+    "DATALOADER.REPEAT_THRESHOLD": "use train.repeat_threshold instead",
 }
 
 
@@ -200,7 +201,8 @@ def schema() -> Dict[str, Any]:
         "switches": _switches,
         "train": {"max_iter": _int(1, True), "ims_per_batch": _int(1, True), "base_lr": _number(0, True),
                   "checkpoint_period": _int(1, True), "keep_checkpoints": _int(0),
-                  "final_dtype": _choice(*FINAL_DTYPES), "log_period": _int(1), "num_workers": _int(0, True),
+                  "final_dtype": _choice(*FINAL_DTYPES), "repeat_threshold": _number(0, True, hi=1, lo_open=False),
+                  "log_period": _int(1), "num_workers": _int(0, True),
                   "weights": _str(),
                   "device": _choice(*DEVICES), "opts": _opts},
         "eval": {"warmup": _int(0), "max_images": _int(1, True)},
