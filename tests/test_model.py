@@ -77,12 +77,13 @@ def test_pixel_sizes_shrink_with_the_scales_images():
     The synthetic scale's images are 0.2 x COCO's, smoke's 0.1 x: every size in pixels follows, the
     initial box distances too (official 8 strides = 64 px at P3 of an 800-px image; 1.6 strides =
     12.8 px at 160 px). P3's sizes of interest: [0, 80] -> [0, 16] -> [0, 8]; minimum Gaussian radius
-    4 -> 0.8 -> 0.4 px; the smallest anchor 32 -> 6.4 -> 3.2 px. The head starts its ltrb outputs at
+    4 -> 0.8 -> 0.4 px. Anchors shrink half as much (x0.4, x0.2: model/presets.py says why): the
+    smallest 32 -> 12.8 -> 6.4 px. The head starts its ltrb outputs at
     the bias: a zero feature map gives bias x level scale (1) strides. Break tried: the bias left at
     8 at every scale (CenterNet-FPN then needed 300 iterations for AP 2.4 instead of 4.2); this test
     failed on it.
     """
-    expect = {"paper": (8.0, 80, 4.0, 32), "synthetic": (1.6, 16, 0.8, 6.4), "smoke": (0.8, 8, 0.4, 3.2)}
+    expect = {"paper": (8.0, 80, 4.0, 32), "synthetic": (1.6, 16, 0.8, 12.8), "smoke": (0.8, 8, 0.4, 6.4)}
     for scale, (bias, soi_hi, radius, anchor) in expect.items():
         c = get_model_cfg("centernet", scale, num_classes=3).MODEL
         assert c.CENTERNET.BBOX_PRED_BIAS == pytest.approx(bias), scale

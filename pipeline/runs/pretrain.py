@@ -131,6 +131,12 @@ def train(settings: Dict[str, Any], combos, out: Path, scale: str = SCALE, log=p
     cfg = backbone_cfg(scale).clone()
     cfg.defrost()
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    # The stand-in for ImageNet training: every layer learns, with batch statistics. The detectors
+    # then freeze the stem and res2 and every BN's statistics (the scale's FREEZE_AT and FrozenBN),
+    # as the report's do with ImageNet weights; pretraining with those settings would leave the
+    # stem and res2 at their random initialisation.
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.NORM = "BN"
     net = build_resnet_backbone(cfg, ShapeSpec(channels=3))
     head = torch.nn.Linear(net.output_shape()["res5"].channels, len(combos))
     params = list(net.parameters()) + list(head.parameters())
