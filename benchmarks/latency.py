@@ -18,9 +18,10 @@ depend on them, except through how many candidates reach the RoI heads and pass 
 which is why every detector sees the same inputs, and why an untrained RPN's box deltas are zeroed
 (``propose_like_trained``): at 800x1216 its random deltas turn every anchor into nearly the same
 image-sized box, NMS leaves 2 of them, and CascadeRCNN was timed with 2 proposals instead of 1000
-(3642 ms; 1000 anchors as proposals: about 4.5 s). The ``proposals`` column is the number measured
-on the timed images, not the configured one. The report's claim to check: CenterNet2-agnostic faster than
-CascadeRCNN (60 vs 70 ms, ratio 0.86) because its RoI heads get 256 proposals instead of 1000.
+(3642 ms; with its 1000 anchors as proposals 5548 ms, 2 CPU threads, 2026-11-30). The
+``proposals`` column is the number measured on the timed images, not the configured one. The
+report's claim to check: CenterNet2-agnostic faster than CascadeRCNN (60 vs 70 ms, ratio 0.86)
+because its RoI heads get 256 proposals instead of 1000.
 """
 import argparse
 import json
