@@ -9,8 +9,9 @@ exactly one config file:
   started from the pretrain stage's backbone (``pipeline/runs/pretrain.py``, the stand-in for ImageNet;
   stem and res2 frozen as the report's), 64 FPN channels, 128 training proposals, 32 RoIs per image
   (pooled with 2x2 samples per bin), FC 256. Sizes in pixels (sizes of interest, CenterNet's
-  minimum Gaussian radius, anchors) shrink with the images (x0.2); test-time proposal counts stay
-  the report's (CascadeRCNN 1000, CenterNet2 256), so the runtime comparison is the report's. Each
+  minimum Gaussian radius, initial box distances) shrink with the images (x0.2), the RPN's anchors
+  less (x0.4, see ``_sizes``); test-time proposal counts stay the report's (CascadeRCNN 1000,
+  CenterNet2 256), so the runtime comparison is the report's. Each
   detector keeps its yaml's learning rate and warm-up factor (CenterNet-FPN 0.01, the others
   0.02), with the scale's shorter warm-up.
 - ``smoke``: the tests: 64-96 px images (sizes x0.1) and the smallest widths, from scratch;
@@ -36,6 +37,12 @@ from .config import add_centernet2_config
 from .switches import apply_switches
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# The training recipe's version, part of every run's identity (pipeline/runs/spec.py): the run store
+# keys runs by their params, so without it a change to model/, a preset or the training code that
+# changes what the same params train would reuse runs trained before it. Bump it with such a change
+# (2: repeat threshold per dataset, box bias and anchors scaled, pretrain without frozen layers).
+RECIPE = 2
 
 # params.yaml's detector names -> config files (Table 1 rows).
 DETECTORS = {

@@ -260,3 +260,35 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_repository(tmp_
     tracker.log_final({"AP": 1.0}, 0, [note])
     assert list((tmp_path / "store" / "mlruns" / study).rglob("note.txt"))
     assert not (ROOT / "mlruns" / study).exists()
+
+
+def test_a_new_recipe_version_trains_anew_instead_of_reusing_the_store(tmp_path, monkeypatch):
+    """
+    The run store keys runs by their settings; ``model.presets.RECIPE`` is one of them, so the same
+    params under a changed recipe (model or training code) get a new run directory, and a run
+    directory written before the version existed (run.json without ``recipe``) is refused rather
+    than resumed or evaluated as if it were current.
+    Deliberate break tried: ``recipe`` left out of ``RunSpec.identity`` -> same key, test failed.
+    """
+    from dataclasses import asdict
+
+    from detectron2.config import get_cfg
+
+    import model.presets as presets
+    from pipeline.runs.spec import RunSpec
+    from pipeline.runs.train import prepare_run_dir
+
+    params = P.load(P.PARAMS_FILE)
+    spec = resolve(params)
+    assert spec.recipe == presets.RECIPE
+    monkeypatch.setattr(presets, "RECIPE", presets.RECIPE + 1)
+    bumped = resolve(params)
+    assert bumped.recipe == presets.RECIPE and bumped.key() != spec.key()
+
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, bumped, get_cfg())
+    assert RunSpec.from_json((run_dir / "run.json").read_text()).identity() == bumped.identity()
+    older = {k: v for k, v in asdict(bumped).items() if k != "recipe"}
+    (run_dir / "run.json").write_text(json.dumps(older))
+    with pytest.raises(P.ParamError, match="holds a run with other settings"):
+        prepare_run_dir(run_dir, bumped, get_cfg(), starting=False)

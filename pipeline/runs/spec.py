@@ -37,6 +37,9 @@ class RunSpec:
     # Where training started: {"source", "path", "sha256"} of train.weights / the preset's weights,
     # null from scratch (written by pipeline.runs.train; a record, not part of identity()).
     initial_weights: Optional[Dict[str, str]] = None
+    # The training recipe's version (model.presets.RECIPE) the run was resolved with; null in run.json
+    # files written before it existed, which therefore match no current spec.
+    recipe: Optional[int] = None
 
     @property
     def ablation(self) -> str:
@@ -75,12 +78,13 @@ class RunSpec:
         return RunSpec(**{**asdict(self), "switches": [s for s in self.switches if s not in self.eval_switches]})
 
     def identity(self) -> Dict[str, Any]:
-        """What determines the trained weights: everything but the names, the evaluation settings
-        (``eval``, evaluation-only switches) and the settings that change no number (logging period,
-        data-loading workers, checkpoints kept)."""
+        """What determines the trained weights: the recipe's version and every setting but the names,
+        the evaluation settings (``eval``, evaluation-only switches) and the settings that change no
+        number (logging period, data-loading workers, checkpoints kept)."""
         train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers", "keep_checkpoints")}
         ident = {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
-                 "data": self.data, "train": train, "opts": self.opts, "switches": self.training().switches}
+                 "data": self.data, "train": train, "opts": self.opts, "switches": self.training().switches,
+                 "recipe": self.recipe}
         if self.pretrain is not None:
             ident["pretrain"] = self.pretrain
         return ident
@@ -114,6 +118,8 @@ class RunSpec:
 def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[int] = None,
             study: str = "main", row: str = "") -> RunSpec:
     """Check ``params`` (after ``overrides``) and pick this run's settings; seed defaults to seeds[0]."""
+    from model.presets import RECIPE  # here, not at the top: params checks need no torch
+
     params = P.apply_overrides(params, list(overrides))
     P.validate(params)
     seeds = params.get("seeds", [0])
@@ -126,7 +132,7 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
         eval=params.get("eval", {}), study=study, row=row,
         tracking_uri=P.get(params, "tracking.uri"), opts=list(P.get(params, "train.opts", []) or []),
         switches=list(params.get("switches") or []),
-        pretrain=dict(params.get("pretrain") or {}) if from_pretrain else None)
+        pretrain=dict(params.get("pretrain") or {}) if from_pretrain else None, recipe=RECIPE)
 
 
 # Scales whose runs start, unless train.weights says otherwise, from the pretrain stage's backbone
