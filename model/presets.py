@@ -188,3 +188,25 @@ def get_model_cfg(detector: str, scale: str = "paper", num_classes: Optional[int
     apply_switches(cfg, switches)
     cfg.merge_from_list(list(overrides))
     return cfg
+
+
+def set_test_limits(cfg: CfgNode, score_thresh: Optional[float] = None, per_image: Optional[int] = None) -> CfgNode:
+    """
+    Set, in ``cfg`` (unfrozen), the score threshold and the number per image of a detector's final
+    detections; None keeps the config's value. Returns ``cfg``.
+
+    The two-stage detectors (CascadeRCNN, CenterNet2) end in their RoI heads:
+    ``ROI_HEADS.SCORE_THRESH_TEST`` (applied to CenterNet2's sqrt(proposal x classification) score)
+    and ``TEST.DETECTIONS_PER_IMAGE``; CenterNet2's proposal settings stay as trained. CenterNet-FPN's
+    final detections are its heatmap peaks: ``CENTERNET.SCORE_THRESH`` and ``POST_NMS_TOPK_TEST``.
+    """
+    one_stage = cfg.MODEL.META_ARCHITECTURE == "CenterNetDetector"
+    if score_thresh is not None:
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(score_thresh)
+        if one_stage:
+            cfg.MODEL.CENTERNET.SCORE_THRESH = float(score_thresh)
+    if per_image is not None:
+        cfg.TEST.DETECTIONS_PER_IMAGE = int(per_image)
+        if one_stage:
+            cfg.MODEL.CENTERNET.POST_NMS_TOPK_TEST = int(per_image)
+    return cfg

@@ -196,3 +196,32 @@ def test_ground_truth_as_predictions_scores_100(data, tmp_path, switches):
         assert record["segm"]["AP"] == pytest.approx(100.0)
     else:
         assert "segm" not in record
+
+
+def test_the_evaluation_scores_the_final_detections_its_limits_allow(data, tmp_path):
+    """
+    ``eval.score_thresh`` / ``eval.detections_per_image`` reach the model evaluation builds from the
+    run's config. Untrained CenterNet2 + FedLoss scores every box about sqrt(0.01 x 0.01) = 0.01
+    (heatmap and sigmoid classifier at their prior): at threshold 0.5 it detects nothing in the 6
+    validation images; at 0.0001 with 2 per image it detects exactly 12 (each image has hundreds of
+    candidates). The two evaluations sit side by side (the limits are in the evaluation's key).
+    Deliberate break tried: the ``set_test_limits`` call removed from ``evaluate`` -> the model
+    kept the smoke preset's threshold (0.02) and 100 per image; the test failed.
+    """
+    from detectron2.modeling import build_model
+
+    run_dir, spec = untrained_run(data, tmp_path / "run")
+    torch.manual_seed(0)
+    weights = build_model(build_cfg(spec, run_dir)).state_dict()
+    torch.save({"model": weights}, run_dir / tr.FINAL_WEIGHTS)
+    found = {}
+    for thresh, per_image in ((0.5, 2), (0.0001, 2)):
+        limited = replace(spec, eval={**spec.eval, "score_thresh": thresh, "detections_per_image": per_image})
+        record = ev.evaluate(run_dir, limited)
+        out = ev.eval_dir(run_dir, limited)
+        found[thresh] = len(json.loads((out / "lvis_instances_results.json").read_text()))
+        cfg = (out / "config.yaml").read_text()
+        assert f"SCORE_THRESH_TEST: {thresh}" in cfg and "DETECTIONS_PER_IMAGE: 2" in cfg
+        assert record["images"]["count"] == 6
+    assert found == {0.5: 0, 0.0001: 12}
+    assert len(list((run_dir / "eval").iterdir())) == 2

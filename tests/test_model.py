@@ -148,3 +148,34 @@ def test_agnostic_proposals_feed_roi_heads_256_at_test():
         features = model.backbone(images.tensor)
         proposals, _ = model.proposal_generator(images, features)
     assert len(proposals[0]) == cfg.MODEL.CENTERNET.POST_NMS_TOPK_TEST == 256
+
+
+@pytest.mark.parametrize("detector,above,below", [("cascadercnn", 0.5, 0.1), ("centernet", 0.05, 0.001)])
+def test_test_limits_set_the_threshold_and_number_of_final_detections(detector, above, below):
+    """
+    ``set_test_limits`` reaches the detections a detector ends with. Untrained, CascadeRCNN's softmax
+    over 3 categories + background is near uniform (logits near 0): every category scores about 1/4
+    in each stage, so in their mean; CenterNet-FPN's heatmaps sit at their prior 0.01. A threshold
+    above that score leaves no detection, one below it exactly the number per image asked for (the
+    candidates are many more). None keeps the config's values; CenterNet2's proposal threshold is
+    not a final-detection threshold and stays as trained.
+    """
+    from model.presets import set_test_limits
+
+    image = {k: v for k, v in _batch(1)[0].items() if k != "instances"}
+    counts = []
+    for thresh in (above, below):
+        cfg = set_test_limits(get_model_cfg(detector, "smoke", num_classes=3), thresh, 7)
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            counts.append(len(model([image])[0]["instances"]))
+    assert counts == [0, 7]
+
+    cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=3)
+    before = cfg.clone()
+    assert set_test_limits(cfg, None, None) == before
+    set_test_limits(cfg, 0.0001, 300)
+    assert (cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE) == (0.0001, 300)
+    assert cfg.MODEL.CENTERNET.SCORE_THRESH == before.MODEL.CENTERNET.SCORE_THRESH
+    assert cfg.MODEL.CENTERNET.POST_NMS_TOPK_TEST == before.MODEL.CENTERNET.POST_NMS_TOPK_TEST == 256

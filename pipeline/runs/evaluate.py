@@ -39,6 +39,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
+from model.presets import set_test_limits
 from model.switches import apply_switches
 from pipeline.atomic import write_text
 from pipeline.data import datasets
@@ -145,6 +146,7 @@ def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.M
     cfg = CfgNode.load_cfg((run_dir / "config.yaml").read_text())  # as trained, plus the evaluation's switches
     cfg.defrost()
     apply_switches(cfg, spec.eval_switches)
+    set_test_limits(cfg, spec.eval.get("score_thresh"), spec.eval.get("detections_per_image"))
     cfg.freeze()
     write_text(out_dir / "config.yaml", cfg.dump())
     write_text(out_dir / "eval.json", json.dumps({**spec.eval_identity(), "row": spec.row, "study": spec.study},
@@ -223,12 +225,17 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, help="untimed first images (default: the run's eval.warmup)")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N validation images "
                         "(default: the run's eval.max_images)")
+    parser.add_argument("--score-thresh", type=float, help="score threshold of the final detections "
+                        "(default: the run's eval.score_thresh)")
+    parser.add_argument("--detections-per-image", type=int, help="final detections kept per image "
+                        "(default: the run's eval.detections_per_image)")
     args = parser.parse_args(argv)
     try:
         if not (args.run_dir / "run.json").is_file():
             raise FileNotFoundError(f"{args.run_dir}: no run.json; not a run directory")
         spec = RunSpec.from_json((args.run_dir / "run.json").read_text())
-        given = {"warmup": args.warmup, "max_images": args.max_images}
+        given = {"warmup": args.warmup, "max_images": args.max_images, "score_thresh": args.score_thresh,
+                 "detections_per_image": args.detections_per_image}
         spec = replace(spec, eval={**spec.eval, **{k: v for k, v in given.items() if v is not None}})
         record = evaluate(args.run_dir, spec)
     except (FileNotFoundError, CheckpointError) as e:
