@@ -90,24 +90,15 @@ def measure(model, images, device: str, warmup: int) -> float:
 
 def _flop_count_analysis():
     """
-    detectron2's ``FlopCountAnalysis``. Its module imports ``detectron2.export`` for
-    ``TracingAdapter``, and that package's ``__init__`` imports caffe2, which modern PyTorch no
-    longer ships: stand in a ``detectron2.export`` package that holds only ``flatten.py``.
+    detectron2's ``FlopCountAnalysis``. Its module imports ``TracingAdapter`` from
+    ``detectron2.export``, whose ``__init__`` needs caffe2 (in no PyTorch 2 wheel): register that
+    package without its ``__init__`` first, as the export path does (``pipeline.runs.export``).
     """
     import importlib
-    import types
 
-    import detectron2
+    from pipeline.runs.export import tracing_adapter
 
-    if "detectron2.export" not in sys.modules:
-        try:
-            importlib.import_module("detectron2.export")
-        except ImportError:
-            sys.modules.pop("detectron2.export", None)
-            stub = types.ModuleType("detectron2.export")
-            stub.__path__ = [str(Path(detectron2.__file__).parent / "export")]
-            sys.modules["detectron2.export"] = stub
-            stub.TracingAdapter = importlib.import_module("detectron2.export.flatten").TracingAdapter
+    tracing_adapter()
     return importlib.import_module("detectron2.utils.analysis").FlopCountAnalysis
 
 

@@ -51,7 +51,9 @@ def tracing_adapter():
     ``detectron2.export.TracingAdapter``. detectron2 0.6's ``detectron2/export/__init__.py`` first
     imports its Caffe2 exporter, which needs ``caffe2`` (in no PyTorch 2 wheel), so importing the
     package fails; later detectron2 releases import Caffe2 only when present. Do the same: register
-    the package without running its ``__init__``, then import the tracing modules from it.
+    the package without running its ``__init__``, then import the tracing modules from it. The
+    stand-in package exports ``TracingAdapter`` as the real one does, for detectron2 code that imports
+    it from there (``detectron2.utils.analysis``: the latency benchmark's FLOP count).
     """
     if "detectron2.export" not in sys.modules:
         try:
@@ -64,6 +66,7 @@ def tracing_adapter():
             sys.modules["detectron2.export"] = package
     from detectron2.export.flatten import TracingAdapter
 
+    sys.modules["detectron2.export"].TracingAdapter = TracingAdapter
     return TracingAdapter
 
 
