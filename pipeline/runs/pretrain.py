@@ -132,9 +132,9 @@ def train(settings: Dict[str, Any], combos, out: Path, scale: str = SCALE, log=p
     cfg.defrost()
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
     # The stand-in for ImageNet training: every layer learns, with batch statistics. The detectors
-    # then freeze the stem and res2 and every BN's statistics (the scale's FREEZE_AT and FrozenBN),
-    # as the report's do with ImageNet weights; pretraining with those settings would leave the
-    # stem and res2 at their random initialisation.
+    # then freeze the stem and res2 (the scale's FREEZE_AT 2, their BN made FrozenBN) as the report's
+    # do with ImageNet weights; pretraining with that setting would leave the stem and res2 at their
+    # random initialisation. NORM is the synthetic scale's already; set here so it holds at any scale.
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.RESNETS.NORM = "BN"
     net = build_resnet_backbone(cfg, ShapeSpec(channels=3))
