@@ -9,15 +9,19 @@ Hand a stage's runs to submitit and wait for them.
 
 A run job trains (resuming whatever checkpoint its directory holds) and evaluates the weights once per
 evaluation setting its stage asks for; finished training and evaluations are not redone. A failed
-job fails the stage with the job's id and the tail of its stderr; Ctrl-C cancels every submitted job;
+job fails the stage with the job's id and the tail of its stderr; Ctrl-C or SIGTERM (``kill``, a CI
+timeout, ``scancel`` of the stage's own job) cancels every submitted job;
 a Slurm job preempted or timed out is requeued by submitit (``Checkpointable``) and resumes from its
 last checkpoint. Jobs of several GPUs use detectron2's
 ``launch``. While it waits, the stage shows each run's progress (``pipeline.runs.progress``).
 """
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -161,45 +165,74 @@ def run_all(requests: Sequence[Tuple[Path, List[RunSpec]]], launcher: Dict[str, 
     cluster = launcher.get("cluster", "local")
     jobs: List[Any] = []
     progress = StageProgress(requests) if cluster != "debug" else None  # debug: the job's own output
-    try:
-        if cluster == "local":
-            # No job arrays on the local executor: keep `parallel` jobs running, start the next
-            # as soon as one ends.
-            parallel = max(1, launcher.get("parallel", 2))
-            pending = list(range(len(requests)))
-            active: List[Any] = []
-            while pending or active:
-                while pending and len(active) < parallel:
-                    i = pending.pop(0)
-                    job = executor.submit(RunJob(), *(a[i] for a in args))
-                    jobs.append(job)
-                    active.append(job)
-                    logger.info(f"job {job.job_id}: {requests[i][0]} (logs in {folder / job.job_id})")
-                done = [j for j in active if j.done()]
-                for job in done:
-                    active.remove(job)
-                    _wait(job)  # raises StageFailed on a failed job
-                if not done:
-                    progress.update()
-                    time.sleep(1)
+    with _interruptible():
+        try:
+            if cluster == "local":
+                # No job arrays on the local executor: keep `parallel` jobs running, start the next
+                # as soon as one ends.
+                parallel = max(1, launcher.get("parallel", 2))
+                pending = list(range(len(requests)))
+                active: List[Any] = []
+                while pending or active:
+                    while pending and len(active) < parallel:
+                        i = pending.pop(0)
+                        job = executor.submit(RunJob(), *(a[i] for a in args))
+                        jobs.append(job)
+                        active.append(job)
+                        logger.info(f"job {job.job_id}: {requests[i][0]} (logs in {folder / job.job_id})")
+                    done = [j for j in active if j.done()]
+                    for job in done:
+                        active.remove(job)
+                        _wait(job)  # raises StageFailed on a failed job
+                    if not done:
+                        progress.update()
+                        time.sleep(1)
+                return [_wait(job) for job in jobs]
+            jobs = executor.map_array(RunJob(), *args)
+            logger.info(f"submitted {len(jobs)} job(s) to {cluster}: {', '.join(j.job_id for j in jobs)}; "
+                        f"logs in {folder}")
+            while progress is not None and not all(j.done() for j in jobs):
+                progress.update()
+                time.sleep(2)
             return [_wait(job) for job in jobs]
-        jobs = executor.map_array(RunJob(), *args)
-        logger.info(f"submitted {len(jobs)} job(s) to {cluster}: {', '.join(j.job_id for j in jobs)}; "
-                    f"logs in {folder}")
-        while progress is not None and not all(j.done() for j in jobs):
-            progress.update()
-            time.sleep(2)
-        return [_wait(job) for job in jobs]
-    except (KeyboardInterrupt, StageFailed):
-        running = [j for j in jobs if not j.done()]
-        for job in running:
-            job.cancel(check=False)
-        if running:
-            logger.error(f"cancelled {len(running)} running job(s): {', '.join(j.job_id for j in running)}")
-        raise
+        except (KeyboardInterrupt, StageFailed):
+            running = [j for j in jobs if not j.done()]
+            for job in running:
+                job.cancel(check=False)
+            if running:
+                logger.error(f"cancelled {len(running)} running job(s): {', '.join(j.job_id for j in running)}")
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+
+
+@contextmanager
+def _interruptible():
+    """
+    While a stage waits on its jobs: SIGTERM stops it as Ctrl-C does (``run_all`` then cancels the
+    running jobs; without this, ``kill`` left local jobs training on). And jobs started meanwhile can
+    be cancelled even when this process ignores SIGINT, as a non-interactive shell's background
+    commands do: children inherit an ignored SIGINT across exec, and submitit cancels a local job
+    with SIGINT. A Python handler is reset to the default across exec, so an ignored SIGINT is
+    replaced by one that does nothing (this process still ignores Ctrl-C).
+    """
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    old_term = signal.signal(signal.SIGTERM, stop)
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
     finally:
-        if progress is not None:
-            progress.close()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def _wait(job) -> Dict[str, Any]:

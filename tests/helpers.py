@@ -61,6 +61,20 @@ def start_interruptible(repo: Path, *cmd) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def processes_under(path: Path) -> list:
+    """Command lines of this machine's processes that name ``path`` (read whole from /proc: ``ps``
+    cuts lines at the terminal's width, 80 columns without one, so a long path there is missed)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if str(path) in args:
+            out.append(args)
+    return out
+
+
 def commit(repo: Path, message: str):
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty")

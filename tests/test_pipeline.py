@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import commit, scratch_repo, set_params, sh, start_interruptible
+from tests.helpers import commit, env, processes_under, scratch_repo, set_params, sh, start_interruptible
 
 pytestmark = pytest.mark.slow  # every test here shares a whole-DAG `dvc repro` (minutes): CI runs them
 
@@ -139,8 +139,8 @@ def test_interrupted_stage_resumes_its_runs(repo):
     assert proc.returncode != 0
     # Ctrl-C cancelled the jobs: no job process of this repository is left running.
     deadline = time.time() + 30
-    while str(r) in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
-        assert time.time() < deadline, "jobs still running after the interrupt"
+    while processes_under(r / "runs"):
+        assert time.time() < deadline, f"jobs still running after the interrupt: {processes_under(r / 'runs')}"
         time.sleep(1)
     interrupted = unfinished_with_checkpoint()
     assert interrupted
@@ -151,6 +151,38 @@ def test_interrupted_stage_resumes_its_runs(repo):
         steps = [json.loads(line)["step"] for line in (d / "train_metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(60))
 
+
+def test_sigterm_cancels_the_jobs_even_when_sigint_is_ignored(repo, tmp_path):
+    # As `kill <stage pid>` does to a stage started in the background of a script (where SIGINT is
+    # ignored, and with it submitit's cancel of a local job): the stage stops, and so do its jobs.
+    r = repo["path"]
+    sh(r, "git", "checkout", "-q", "--", "params.yaml")
+    # New runs (nothing of the previous tests' is reused), too long to end by themselves meanwhile.
+    set_params(r, **{"train.max_iter": 5000})
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.stage", "main"], cwd=r, env=env(),
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+    def unfinished_with_checkpoint():
+        return [d for d in (r / "runs").glob("centernet2_agnostic-softmax-*/seed*")
+                if (d / "model_0000003.pth").exists() and not (d / "train_done.json").exists()]
+
+    deadline = time.time() + 240
+    while not unfinished_with_checkpoint():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.5)
+    started = unfinished_with_checkpoint()
+    os.kill(proc.pid, signal.SIGTERM)  # the stage only, not its process group
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert "cancelled 2 running job(s)" in log.read_text()  # main: 2 seeds, both running
+    deadline = time.time() + 30
+    while processes_under(r / "runs"):
+        assert time.time() < deadline, f"jobs still running after SIGTERM: {processes_under(r / 'runs')}"
+        time.sleep(1)
+    assert not any((d / "train_done.json").exists() for d in started)  # stopped, not finished
 
 
 def test_aggregate_uses_exactly_the_current_seeds(repo):
