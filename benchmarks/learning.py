@@ -78,4 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except P.ParamError as e:  # bad --set values, a stale dataset: one line
+        sys.exit(f"error: {e}")

@@ -336,3 +336,47 @@ def test_images_positive_for_every_category_still_generate(tmp_path):
     for a in val["annotations"]:
         per_image[a["image_id"]].add(a["category_id"])
     assert len(val["images"]) == 4 and all(len(c) == 3 for c in per_image.values())
+
+
+def test_a_dataset_prepared_with_other_settings_is_refused(dataset, tmp_path):
+    """
+    ``check_prepared`` compares prepare.json's generator settings with a run's ``data.synthetic``
+    field by field (expected messages by hand). Why: a benchmark outside DVC trained and scored on a
+    validation set an older prepare had left (no ``val_min_images``), under today's settings.
+    Deliberate break tried: the calls removed from train/evaluate -> both went on; the test failed.
+    """
+    from dataclasses import asdict
+
+    from pipeline import params as P
+    from pipeline.runs import train as tr
+    from pipeline.runs.evaluate import evaluate
+    from pipeline.runs.spec import resolve
+
+    same = {"name": "synthetic", "synthetic": asdict(SPEC)}
+    prep.check_prepared(dataset["out"], same)  # as prepared: accepted
+    with pytest.raises(P.ParamError, match=r"prepare\.json: .*\(val_min_images: 8 there, 3 asked\); regenerate"):
+        prep.check_prepared(dataset["out"], {**same, "synthetic": {**asdict(SPEC), "val_min_images": 3}})
+    older = tmp_path / "older"  # what a prepare from before val_min_images existed recorded
+    older.mkdir()
+    record = json.loads((dataset["out"] / "prepare.json").read_text())
+    del record["synthetic"]["val_min_images"]
+    (older / "prepare.json").write_text(json.dumps(record))
+    with pytest.raises(P.ParamError, match=r"\(val_min_images: absent there, 8 asked\)"):
+        prep.check_prepared(older, same)
+    prep.check_prepared(tmp_path / "generated-by-hand", same)  # no prepare.json: nothing to compare
+
+    # Training and evaluation check before they write anything.
+    overrides = [f"data.root={dataset['out']}", "scale=smoke",
+                 *(f"data.synthetic.{k}={json.dumps(v)}" for k, v in asdict(SPEC).items() if k != "val_min_images"),
+                 "data.synthetic.val_min_images=3"]
+    spec = resolve(P.load(P.PARAMS_FILE), overrides)
+    with pytest.raises(P.ParamError, match="val_min_images: 8 there, 3 asked"):
+        tr.run(tmp_path / "run", spec, track=False)
+    assert not (tmp_path / "run" / "run.json").exists()
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    for name, text in ((tr.DONE_FILE, "{}"), (tr.FINAL_WEIGHTS, ""), ("run.json", spec.to_json())):
+        (trained / name).write_text(text)
+    with pytest.raises(P.ParamError, match="val_min_images: 8 there, 3 asked"):
+        evaluate(trained, spec)
+    assert not (trained / "eval").exists()

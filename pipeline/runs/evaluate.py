@@ -43,6 +43,7 @@ from model.presets import set_test_limits
 from model.switches import apply_switches
 from pipeline.atomic import write_text
 from pipeline.data import datasets
+from pipeline.data.prepare import check_prepared
 from pipeline.runs.progress import PROGRESS_FILE
 from pipeline.runs.spec import RunSpec
 from pipeline.runs.tracking import RUN_ID_FILE, Tracker
@@ -138,6 +139,7 @@ def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.M
     spec = spec or trained
     if spec.identity() != trained.identity():
         raise ValueError(f"{run_dir}: trained with other settings than the evaluation asks for (see run.json)")
+    check_prepared(spec.data_dir, spec.data)  # scored against the validation set the run names
     out_dir = eval_dir(run_dir, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logger(str(out_dir / "log.txt"))

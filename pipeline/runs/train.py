@@ -584,8 +584,10 @@ def run(run_dir: Path, spec: RunSpec, track: bool = True) -> Path:
 
 def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
     from pipeline.data import datasets
+    from pipeline.data.prepare import check_prepared
     from pipeline.runs.figures import loss_curve
 
+    check_prepared(spec.data_dir, spec.data)
     datasets.register(spec.data_name, spec.data_dir if spec.data_name == "synthetic"
                       else Path(spec.data.get("root") or datasets.default_root()))
     cfg = build_cfg(spec, run_dir)
