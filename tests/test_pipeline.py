@@ -11,7 +11,8 @@ import yaml
 
 from tests.helpers import commit, env, processes_under, scratch_repo, set_params, sh, start_interruptible
 
-pytestmark = pytest.mark.slow  # every test here shares a whole-DAG `dvc repro` (minutes): CI runs them
+# Every test here shares a whole-DAG `dvc repro` (minutes): not in CI; `make test PYTEST_ARGS="-m slow"`.
+pytestmark = pytest.mark.slow
 
 STUDIES = {
     "table1": {"centernet2_agnostic": {"detector": "centernet2_agnostic", "loss": "softmax"},
