@@ -3,6 +3,7 @@ Copy a finished run's tables, comparisons, summary and figures to ``reports/refe
 and how they were made, so a user can compare their run with it (README "Reference run").
 
     python tools/snapshot_reference.py --command "dvc exp run ..." --wall "2h 51m" [--started ISO] [--notes TEXT]
+                                       [--out reports/reference]
 
 Records the git commit the run started from (``--commit``, default HEAD), the machine (CPU model,
 cores, memory, GPU if any, torch threads) and the params the tables were made with.
@@ -18,7 +19,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
-OUT = REPORTS / "reference"
 FILES = ("table1.md", "table2.md", "summary.json", "comparisons.json")
 FIGURES = ("ap_rcf.png", "loss_curves.png", "accuracy_vs_runtime.png", "ap_by_category.png", "data_frequency.png")
 
@@ -52,18 +52,24 @@ def main() -> None:
     parser.add_argument("--commit", default="HEAD", help="the commit it ran on (default: HEAD)")
     parser.add_argument("--started", default="", help="when it started (ISO date/time)")
     parser.add_argument("--notes", default="", help="anything else a reader needs (resumed across sessions, ...)")
+    parser.add_argument("--out", default="reports/reference",
+                        help="where to write it, a folder under reports/ (default: reports/reference; another "
+                             "for a second view of the same runs, e.g. re-evaluated with other eval settings)")
     args = parser.parse_args()
+    out = (ROOT / args.out).resolve()
+    if out == REPORTS.resolve() or REPORTS.resolve() not in out.parents:
+        sys.exit(f"error: --out {args.out}: must be a folder under {REPORTS} (not reports/ itself)")
     missing = [f for f in FILES if not (REPORTS / f).is_file()]
     if missing:
         sys.exit(f"error: reports/{missing[0]} not found: run the pipeline first")
     commit = subprocess.run(["git", "rev-parse", args.commit], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
-    (OUT / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     for f in FILES:
-        shutil.copy2(REPORTS / f, OUT / f)
+        shutil.copy2(REPORTS / f, out / f)
     copied = [f for f in FIGURES if (REPORTS / "figures" / f).is_file()]
     for f in copied:
-        shutil.copy2(REPORTS / "figures" / f, OUT / "figures" / f)
+        shutil.copy2(REPORTS / "figures" / f, out / "figures" / f)
     summary = json.loads((REPORTS / "summary.json").read_text())
     lines = ["# Reference run", "",
              "The synthetic Tables 1-2 at 3 seeds, as produced by the command below; compare your run's",
@@ -76,10 +82,10 @@ def main() -> None:
              *( [f"- notes: {args.notes}"] if args.notes else []), "",
              "Files: " + ", ".join(f"`{f}`" for f in FILES)
              + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied), "",
-             "## Table 1", "", (OUT / "table1.md").read_text(), "",
-             "## Table 2", "", (OUT / "table2.md").read_text()]
-    (OUT / "README.md").write_text("\n".join(lines) + "\n")
-    print(f"reference: {len(FILES)} files and {len(copied)} figures in {OUT} "
+             "## Table 1", "", (out / "table1.md").read_text(), "",
+             "## Table 2", "", (out / "table2.md").read_text()]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"reference: {len(FILES)} files and {len(copied)} figures in {out} "
           f"({len(summary.get('rows', summary))} summary entries)")
 
 
