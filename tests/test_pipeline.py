@@ -121,6 +121,12 @@ def test_unknown_key_and_bad_value_fail_clearly(repo):
     (r / "bad.yaml").unlink()
 
 
+def _unfinished_with_checkpoint(r):
+    """The main stage's run directories that have written a checkpoint but not finished training."""
+    return [d for d in (r / "runs").glob("centernet2_agnostic-softmax-*/seed*")
+            if (d / "model_0000003.pth").exists() and not (d / "train_done.json").exists()]
+
+
 def test_interrupted_stage_resumes_its_runs(repo):
     r = repo["path"]
     sh(r, "git", "checkout", "-q", "--", "params.yaml")
@@ -128,11 +134,7 @@ def test_interrupted_stage_resumes_its_runs(repo):
     proc = start_interruptible(r, "dvc", "repro", "-s", "main")
     deadline = time.time() + 240
 
-    def unfinished_with_checkpoint():
-        return [d for d in (r / "runs").glob("centernet2_agnostic-softmax-*/seed*")
-                if (d / "model_0000003.pth").exists() and not (d / "train_done.json").exists()]
-
-    while not unfinished_with_checkpoint():
+    while not _unfinished_with_checkpoint(r):
         assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
@@ -143,7 +145,7 @@ def test_interrupted_stage_resumes_its_runs(repo):
     while processes_under(r / "runs"):
         assert time.time() < deadline, f"jobs still running after the interrupt: {processes_under(r / 'runs')}"
         time.sleep(1)
-    interrupted = unfinished_with_checkpoint()
+    interrupted = _unfinished_with_checkpoint(r)
     assert interrupted
     sh(r, "dvc", "repro", "-s", "main")
     for d in interrupted:
@@ -166,15 +168,11 @@ def test_sigterm_cancels_the_jobs_even_when_sigint_is_ignored(repo, tmp_path):
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
-    def unfinished_with_checkpoint():
-        return [d for d in (r / "runs").glob("centernet2_agnostic-softmax-*/seed*")
-                if (d / "model_0000003.pth").exists() and not (d / "train_done.json").exists()]
-
     deadline = time.time() + 240
-    while not unfinished_with_checkpoint():
+    while not _unfinished_with_checkpoint(r):
         assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
         time.sleep(0.5)
-    started = unfinished_with_checkpoint()
+    started = _unfinished_with_checkpoint(r)
     os.kill(proc.pid, signal.SIGTERM)  # the stage only, not its process group
     proc.wait(timeout=120)
     assert proc.returncode != 0
