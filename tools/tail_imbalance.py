@@ -27,22 +27,22 @@ import model  # noqa: E402,F401  (detectron2's _C stand-in before detectron2 is 
 # isort: split
 from detectron2.data.samplers import RepeatFactorTrainingSampler  # noqa: E402
 
-from model.losses import LVIS_FED_LOSS_CLASSES, LVIS_V1_CLASSES  # noqa: E402
+from model.losses import LVIS_FED_LOSS_CLASSES, _scaled  # noqa: E402
+from pipeline.data.synthetic import COMMON_MAX  # noqa: E402
 
 LVIS_V1_TRAIN_IMAGES = 100_170  # LVIS v1 train; its rare categories have 1-10 images each
 LVIS_THRESHOLD = 0.001          # the report's repeat-factor threshold on LVIS v1
 
 
-def group_stats(annotations: Path, threshold: float, batch: int, set_size: int) -> dict:
+def group_stats(data: dict, threshold: float, batch: int) -> dict:
     """
     Per frequency group ("r", "c", "f"): categories, images per category (min, max), the share s
     of sampled images holding a category (min, mean, max: sum of the repeat factors of its images
     over the sum of all), negative images per positive one for sigmoid CE ((1 - s) / s, at the
     group's mean s) and P(category in S) per iteration of ``batch`` images when S is the categories
-    present in the batch (1 - (1 - s)^batch; a lower bound when ``set_size`` exceeds them and
-    negatives are sampled).
+    present in the batch (1 - (1 - s)^batch; a lower bound when FedLoss's |S| exceeds them and
+    negatives are sampled). ``data``: LVIS-format annotations, as loaded from JSON.
     """
-    data = json.loads(annotations.read_text())
     frequency = {c["id"]: c.get("frequency", "?") for c in data["categories"]}
     cats_of = defaultdict(set)
     for a in data["annotations"]:
@@ -58,7 +58,7 @@ def group_stats(annotations: Path, threshold: float, batch: int, set_size: int) 
             images[a["category_id"]] += 1
     appeared = sum(1 - (1 - share[c]) ** batch for c in frequency)
     out = {"images": len(dicts), "categories": len(frequency), "threshold": threshold, "batch": batch,
-           "set_size": set_size, "mean_categories_in_batch": appeared, "groups": {}}
+           "mean_categories_in_batch": appeared, "groups": {}}
     for g in ("r", "c", "f"):
         cs = [c for c in frequency if frequency[c] == g]
         if not cs:
@@ -97,12 +97,11 @@ def main(argv=None) -> int:
         ap.error(f"{args.annotations}: not found (run `python -m pipeline.data.prepare` for the synthetic set)")
     if args.batch < 1:
         ap.error(f"--batch {args.batch}: must be at least 1")
-    head = json.loads(args.annotations.read_text())
-    n_images, n_cats = len(head["images"]), len(head["categories"])
-    threshold = args.threshold if args.threshold is not None else 100 / n_images  # see runs.spec.repeat_threshold
-    set_size = args.set_size if args.set_size is not None else max(
-        1, round(n_cats * LVIS_FED_LOSS_CLASSES / LVIS_V1_CLASSES))
-    stats = group_stats(args.annotations, threshold, args.batch, set_size)
+    data = json.loads(args.annotations.read_text())
+    # As runs.spec.repeat_threshold and model.losses.FederatedLoss choose them when unset.
+    threshold = args.threshold if args.threshold is not None else COMMON_MAX / len(data["images"])
+    set_size = _scaled(-1 if args.set_size is None else args.set_size, LVIS_FED_LOSS_CLASSES, len(data["categories"]))
+    stats = group_stats(data, threshold, args.batch)
     print(f"{args.annotations}: {stats['images']} images, {stats['categories']} categories, repeat threshold "
           f"{threshold:g}, batch {args.batch}; categories present per batch {stats['mean_categories_in_batch']:.1f} "
           f"(FedLoss |S| = {set_size}: {'no' if set_size <= stats['mean_categories_in_batch'] else 'some'} "
