@@ -67,9 +67,21 @@ def main() -> None:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy2(REPORTS / f, out / f)
-    copied = [f for f in FIGURES if (REPORTS / "figures" / f).is_file()]
-    for f in copied:
-        shutil.copy2(REPORTS / "figures" / f, out / "figures" / f)
+    copied, shared = [], []
+    for f in FIGURES:
+        src = REPORTS / "figures" / f
+        if not src.is_file():
+            continue
+        # A second view of the same runs (e.g. re-scored with other eval settings) leaves some figures
+        # unchanged, the loss curves always: point at the main snapshot's copy instead of a duplicate.
+        main_copy = REPORTS / "reference" / "figures" / f
+        if out != (REPORTS / "reference").resolve() and main_copy.is_file() \
+                and main_copy.read_bytes() == src.read_bytes():
+            (out / "figures" / f).unlink(missing_ok=True)
+            shared.append(os.path.relpath(main_copy, out))
+            continue
+        shutil.copy2(src, out / "figures" / f)
+        copied.append(f)
     summary = json.loads((REPORTS / "summary.json").read_text())
     lines = ["# Reference run", "",
              "The synthetic Tables 1-2 at 3 seeds, as produced by the command below; compare your run's",
@@ -81,11 +93,13 @@ def main() -> None:
              f"- wall time: {args.wall}" + (f" (started {args.started})" if args.started else ""),
              *( [f"- notes: {args.notes}"] if args.notes else []), "",
              "Files: " + ", ".join(f"`{f}`" for f in FILES)
-             + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied), "",
+             + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied)
+             + ("; unchanged from the main reference: " + ", ".join(f"`{f}`" for f in shared) if shared else ""),
+             "",
              "## Table 1", "", (out / "table1.md").read_text(), "",
              "## Table 2", "", (out / "table2.md").read_text()]
     (out / "README.md").write_text("\n".join(lines) + "\n")
-    print(f"reference: {len(FILES)} files and {len(copied)} figures in {out} "
+    print(f"reference: {len(FILES)} files and {len(copied)} figures ({len(shared)} unchanged, not copied) in {out} "
           f"({len(summary.get('rows', summary))} summary entries)")
 
 

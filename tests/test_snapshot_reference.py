@@ -1,0 +1,58 @@
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "snapshot_reference", Path(__file__).resolve().parents[1] / "tools" / "snapshot_reference.py")
+snapshot_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(snapshot_reference)
+
+
+@pytest.fixture
+def reports(tmp_path, monkeypatch):
+    """A git repository whose reports/ holds a finished run's tables and two figures."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "init"], check=True)
+    rep = tmp_path / "reports"
+    (rep / "figures").mkdir(parents=True)
+    for f in snapshot_reference.FILES:
+        (rep / f).write_text("{}" if f.endswith(".json") else f"| {f} |\n")
+    (rep / "figures" / "loss_curves.png").write_bytes(b"curves")
+    (rep / "figures" / "ap_rcf.png").write_bytes(b"ap at 300 per image")
+    monkeypatch.setattr(snapshot_reference, "ROOT", tmp_path)
+    monkeypatch.setattr(snapshot_reference, "REPORTS", rep)
+    return rep
+
+
+def _snapshot(out: str, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["snapshot_reference.py", "--command", "dvc exp run", "--wall", "1h",
+                                      "--out", out])
+    snapshot_reference.main()
+
+
+def test_a_second_view_does_not_duplicate_unchanged_figures(reports, monkeypatch):
+    _snapshot("reports/reference", monkeypatch)
+    main = reports / "reference"
+    assert sorted(p.name for p in (main / "figures").iterdir()) == ["ap_rcf.png", "loss_curves.png"]
+
+    # The same runs re-scored: the AP figure changes, the loss curves do not.
+    (reports / "figures" / "ap_rcf.png").write_bytes(b"ap at 10 per image")
+    _snapshot("reports/reference/detections-10", monkeypatch)
+    view = main / "detections-10"
+    assert [p.name for p in (view / "figures").iterdir()] == ["ap_rcf.png"]
+    assert (view / "figures" / "ap_rcf.png").read_bytes() == b"ap at 10 per image"
+    readme = (view / "README.md").read_text()
+    assert "`figures/ap_rcf.png`" in readme
+    assert "unchanged from the main reference: `../figures/loss_curves.png`" in readme
+    # The main snapshot itself always holds every figure.
+    assert (main / "figures" / "ap_rcf.png").read_bytes() == b"ap at 300 per image"
+
+
+@pytest.mark.parametrize("out", ["reports", "../x", "/tmp/x", "reports/reference/../../x"])
+def test_out_must_be_a_folder_under_reports(reports, monkeypatch, out):
+    with pytest.raises(SystemExit, match="must be a folder under"):
+        _snapshot(out, monkeypatch)
