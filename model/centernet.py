@@ -138,15 +138,18 @@ class CenterNetHead(nn.Module):
     tower ending in the per-category heatmap logits (``cls_logits``) and a box tower ending in the
     ltrb distances (``bbox_pred``). Category-agnostic (CenterNet2's ONLY_PROPOSAL mode): no
     classification tower at all; the one-channel heatmap (``agn_hm``) reads the box tower too.
+    Class-specific with ``with_agn_hm``: both, the per-category heatmap and ``agn_hm`` on the box
+    tower (official CenterNetHead with WITH_AGN_HM and without ONLY_PROPOSAL).
     At R50 / 256 channels the agnostic head has 2,373,898 parameters, as the official one.
     """
 
     @configurable
     def __init__(self, *, in_channels: int, num_levels: int, num_classes: int, agnostic: bool,
                  num_cls_convs: int, num_box_convs: int, norm: str, prior_prob: float,
-                 bbox_bias: float):
+                 bbox_bias: float, with_agn_hm: bool = False):
         super().__init__()
         self.agnostic = agnostic
+        self.with_agn_hm = with_agn_hm and not agnostic  # agnostic: agn_hm is the only heatmap
 
         def tower(n):
             # Convolutions keep their bias under GN, as in the official head.
@@ -158,9 +161,9 @@ class CenterNetHead(nn.Module):
 
         self.box_tower = tower(num_box_convs)
         self.bbox_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
-        if agnostic:
+        if agnostic or self.with_agn_hm:
             self.agn_hm = nn.Conv2d(in_channels, 1, 3, padding=1)
-        else:
+        if not agnostic:
             self.cls_tower = tower(num_cls_convs)
             self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.scales = nn.ModuleList(_Scale() for _ in range(num_levels))
@@ -168,8 +171,10 @@ class CenterNetHead(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.constant_(m.bias, 0.0)
-        heatmap = self.agn_hm if agnostic else self.cls_logits
-        nn.init.constant_(heatmap.bias, -math.log((1 - prior_prob) / prior_prob))
+        for heatmap in (self.agn_hm if agnostic or self.with_agn_hm else None,
+                        None if agnostic else self.cls_logits):
+            if heatmap is not None:
+                nn.init.constant_(heatmap.bias, -math.log((1 - prior_prob) / prior_prob))
         # Boxes start ``bbox_bias`` strides to each side (official: 8).
         nn.init.constant_(self.bbox_pred.bias, bbox_bias)
 
@@ -180,22 +185,27 @@ class CenterNetHead(nn.Module):
         c = cfg.MODEL.CENTERNET
         return {"in_channels": channels.pop(), "num_levels": len(input_shape), "num_classes": c.NUM_CLASSES,
                 "agnostic": c.AGNOSTIC, "num_cls_convs": c.NUM_CLS_CONVS, "num_box_convs": c.NUM_BOX_CONVS,
-                "norm": c.NORM, "prior_prob": c.PRIOR_PROB, "bbox_bias": c.BBOX_PRED_BIAS}
+                "norm": c.NORM, "prior_prob": c.PRIOR_PROB, "bbox_bias": c.BBOX_PRED_BIAS,
+                "with_agn_hm": c.WITH_AGN_HM}
 
-    def forward(self, features: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def forward(self, features: List[torch.Tensor]
+                ) -> Tuple[List[torch.Tensor], List[torch.Tensor], Optional[List[torch.Tensor]]]:
         """
         Args:
             features: per level (N, C, Hl, Wl).
         Returns:
             heatmap logits per level (N, K, Hl, Wl) with K = 1 (agnostic) or #classes;
-            ltrb per level (N, 4, Hl, Wl), >= 0, in strides.
+            ltrb per level (N, 4, Hl, Wl), >= 0, in strides;
+            with ``with_agn_hm``, the agnostic heatmap logits per level (N, 1, Hl, Wl), else None.
         """
-        heatmaps, ltrbs = [], []
+        heatmaps, ltrbs, agn = [], [], []
         for scale, x in zip(self.scales, features):
             box = self.box_tower(x)
             heatmaps.append(self.agn_hm(box) if self.agnostic else self.cls_logits(self.cls_tower(x)))
+            if self.with_agn_hm:
+                agn.append(self.agn_hm(box))
             ltrbs.append(F.relu(scale(self.bbox_pred(box))))
-        return heatmaps, ltrbs
+        return heatmaps, ltrbs, (agn if self.with_agn_hm else None)
 
 
 # --- the proposal generator / detector ----------------------------------------------------------
@@ -269,15 +279,15 @@ class CenterNet(nn.Module):
             resized image's coordinates; the losses in training.
         """
         feats = [features[f] for f in self.in_features]
-        heatmaps, ltrbs = self.head(feats)
+        heatmaps, ltrbs, agn_heatmaps = self.head(feats)
         shapes = [tuple(h.shape[-2:]) for h in heatmaps]
         losses = {}
         if self.training:
-            losses = self.losses(heatmaps, ltrbs, shapes, gt_instances)
+            losses = self.losses(heatmaps, ltrbs, shapes, gt_instances, agn_heatmaps)
             if not self.only_proposal:
                 return [], losses  # a one-stage detector needs no boxes to train
         with torch.no_grad():
-            results = self.inference(heatmaps, ltrbs, images.image_sizes)
+            results = self.inference(heatmaps, ltrbs, images.image_sizes, agn_heatmaps)
         return results, losses
 
     # ---- training targets ----
@@ -407,7 +417,14 @@ class CenterNet(nn.Module):
 
     # ---- losses ----
 
-    def losses(self, heatmaps, ltrbs, shapes, gt_instances):
+    def losses(self, heatmaps, ltrbs, shapes, gt_instances, agn_heatmaps=None):
+        """
+        The heatmap focal loss (``loss_centernet_hm``), the GIoU loss of the boxes
+        (``loss_centernet_reg``) and, with ``agn_heatmaps`` (per level (N, 1, Hl, Wl)), the
+        agnostic heatmap's focal loss (``loss_centernet_agn_hm``) against the maximum of the
+        categories' targets at the same positives and normaliser (official ``losses`` with
+        WITH_AGN_HM).
+        """
         device = heatmaps[0].device
         locations, strides, levels = self._locations(shapes, device)
         m = locations.shape[0]
@@ -429,6 +446,14 @@ class CenterNet(nn.Module):
         # The official normaliser: positives averaged over workers, at least 1.
         num_pos = max(self._mean_over_workers(float(len(pos_index)), device), 1.0)
         loss_hm = (self.pos_weight * pos + self.neg_weight * neg) / num_pos
+        extra = {}
+        if agn_heatmaps is not None:
+            agn_logits = torch.cat([h.flatten(2) for h in agn_heatmaps], dim=2)  # (N, 1, M)
+            agn_pos_index = torch.cat([i * m + loc for i, loc in enumerate(pos_locs)])
+            pos, neg = heatmap_focal_loss(agn_logits.float().reshape(-1), heat_t.max(dim=1).values.reshape(-1),
+                                          agn_pos_index, self.hm_alpha, self.hm_beta, self.hm_gamma,
+                                          self.sigmoid_clamp, self.ignore_high_fp)
+            extra["loss_centernet_agn_hm"] = (self.pos_weight * pos + self.neg_weight * neg) / num_pos * self.hm_weight
 
         mask = torch.stack(reg_masks)  # (N, M)
         pred, target = ltrb[mask], torch.stack(reg_t)[mask]
@@ -438,7 +463,8 @@ class CenterNet(nn.Module):
             weight = heat_t.max(dim=1).values[mask]
         reg_norm = max(self._mean_over_workers(weight.sum().item(), device), 1.0)
         loss_reg = (ltrb_giou_loss(pred, target) * weight).sum() / reg_norm if len(pred) else ltrb.sum() * 0.0
-        return {"loss_centernet_hm": loss_hm * self.hm_weight, "loss_centernet_reg": loss_reg * self.reg_weight}
+        return {"loss_centernet_hm": loss_hm * self.hm_weight, "loss_centernet_reg": loss_reg * self.reg_weight,
+                **extra}
 
     @staticmethod
     def _mean_over_workers(value: float, device) -> float:
@@ -451,15 +477,22 @@ class CenterNet(nn.Module):
 
     # ---- inference ----
 
-    def inference(self, heatmaps, ltrbs, image_sizes) -> List[Instances]:
+    def inference(self, heatmaps, ltrbs, image_sizes, agn_heatmaps=None) -> List[Instances]:
+        """Per image, the top-scoring boxes of all levels after NMS (``_select``); with
+        ``agn_heatmaps`` a location's class probabilities are multiplied by its agnostic one."""
         phase = 0 if self.training else 1
         results = []
+        agn_heatmaps = agn_heatmaps or [None] * len(heatmaps)
         for i, image_size in enumerate(image_sizes):
             boxes, scores, classes = [], [], []
-            for hm, ltrb, s in zip(heatmaps, ltrbs, self.strides):
+            for hm, agn, ltrb, s in zip(heatmaps, agn_heatmaps, ltrbs, self.strides):
                 h, w = hm.shape[2:]
                 prob = hm[i].sigmoid().flatten()  # (K*H*W,), class-major
                 candidates = (prob > self.score_thresh).nonzero().squeeze(1)
+                if agn is not None:
+                    # Official predict_single_level: candidates by the class p alone, then ranked
+                    # (and scored) by class p * agnostic p.
+                    prob = (hm[i].sigmoid() * agn[i].sigmoid()).flatten()
                 top = prob[candidates].topk(min(self.pre_nms_topk[phase], len(candidates)))
                 idx = candidates[top.indices]
                 loc_idx = idx % (h * w)
@@ -472,9 +505,10 @@ class CenterNet(nn.Module):
                 scores.append(top.values)
                 classes.append(idx // (h * w))
             scores = torch.cat(scores)
-            if self.agnostic:
+            if self.agnostic or agn_heatmaps[0] is not None:
                 # Official predict_single_level: with the agnostic heatmap the proposal score is
-                # sqrt(sigmoid), so the CenterNet2 test score sqrt(s * score) is (s * sqrt(p))^0.5.
+                # sqrt(sigmoid) (sqrt(class p * agnostic p) with both), so the CenterNet2 test score
+                # sqrt(s * score) is (s * sqrt(p))^0.5.
                 scores = scores.sqrt()
             results.append(self._select(torch.cat(boxes), scores, torch.cat(classes), image_size, phase))
         return results

@@ -13,6 +13,11 @@ def add_centernet2_config(cfg: CN) -> CN:
     # One category-agnostic heatmap, like an RPN (CenterNet2-agnostic; official WITH_AGN_HM with
     # ONLY_PROPOSAL); False: one per category, from a classification tower.
     _C.MODEL.CENTERNET.AGNOSTIC = False
+    # Class-specific heatmaps (AGNOSTIC False) plus the one-channel agnostic heatmap on the box
+    # tower, trained on the categories' maximum; a proposal's score is sqrt(class p * agnostic p).
+    # This is the official code's class-specific proposal path (AS_PROPOSAL with the WITH_AGN_HM that
+    # its Base-CenterNet2.yaml sets); False: a proposal's score is its class heatmap's p alone.
+    _C.MODEL.CENTERNET.WITH_AGN_HM = False
     # True: output proposals for RoI heads (CenterNet2); False: output final detections (CenterNet-FPN).
     _C.MODEL.CENTERNET.ONLY_PROPOSAL = False
     # FPN levels the head runs on, and their strides.

@@ -242,6 +242,58 @@ def test_6_proposal_score_is_sqrt_of_the_heatmap():
     assert props.objectness_logits.sigmoid().tolist() == pytest.approx([0.64], rel=1e-5)
 
 
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+def test_6_class_specific_proposals_with_the_agnostic_heatmap():
+    """
+    Official predict_single_level with AS_PROPOSAL and WITH_AGN_HM (CENTERNET.WITH_AGN_HM here): a
+    location is a candidate when its class p exceeds SCORE_THRESH (1e-4), and is then scored
+    sqrt(class p * agnostic p). One 4x4 level, 2 categories, ltrb 1 stride:
+        cell (1, 1) class 0 p = .64, agnostic .25  -> sqrt(.16)     = 0.4
+        cell (2, 2) class 1 p = .5,  agnostic .81  -> sqrt(.405)    = 0.63640
+        cell (0, 0) class 0 p = .001, agnostic .01 -> sqrt(1e-5)    = 0.00316  (kept: the class p
+                                                      passes the threshold, the product does not)
+        cell (3, 3) class 0 p = 5e-5, agnostic .99 -> not a candidate
+    Boxes 16 px wide around centres 8 px apart overlap at IoU .14 < NMS .9: all three kept.
+    Breaks tried, each fails: thresholding the product (drops cell (0, 0)); no sqrt (.405, .16, 1e-5);
+    ranking by class p alone.
+    """
+    net = _net("centernet2_specific", num_classes=2, WITH_AGN_HM=True).eval()
+    assert net.head.with_agn_hm and hasattr(net.head, "cls_tower") and hasattr(net.head, "agn_hm")
+    hm = torch.full((1, 2, 4, 4), -20.0)
+    agn = torch.full((1, 1, 4, 4), -20.0)
+    for (c, y, x), p_cls, p_agn in (((0, 1, 1), .64, .25), ((1, 2, 2), .5, .81), ((0, 0, 0), .001, .01),
+                                    ((0, 3, 3), 5e-5, .99)):
+        hm[0, c, y, x], agn[0, 0, y, x] = _logit(p_cls), _logit(p_agn)
+    (props,) = net.inference([hm], [torch.ones(1, 4, 4, 4)], [(32, 32)], [agn])
+    assert props.objectness_logits.sigmoid().tolist() == pytest.approx([0.63640, 0.4, 0.0031623], rel=1e-4)
+    assert props.proposal_boxes.tensor.tolist() == [[12, 12, 28, 28], [4, 4, 20, 20], [-4, -4, 12, 12]]
+
+
+def test_2_agnostic_heatmap_loss_of_a_class_specific_head():
+    """
+    Official ``losses`` with WITH_AGN_HM beside the class heatmaps: the agnostic heatmap is trained
+    on the categories' maximum at the same positives and normaliser. Test 2's level and object, now
+    of category 1 of 2 (its peak on channel 1): the agnostic target is test 2's map, so with test
+    2's logits loss_centernet_agn_hm = 0.87317653. The class heatmaps at logit -20 (p clamped to
+    1e-4): pos = .25 (1 - 1e-4)^2 ln 1e4 = 9.20850 / 4, negatives ~1e-12, so
+    loss_centernet_hm = .5 * 2.30212460 = 1.15106230, whatever the agnostic logits.
+    Breaks tried, each fails: the agnostic target from channel 0 (no peak); no agnostic loss.
+    """
+    net = _net("centernet2_specific", num_classes=2, MIN_RADIUS=1.0, WITH_AGN_HM=True)
+    agn = torch.zeros(1, 1, 4, 4)
+    agn[0, 0, 0, 0] = -math.log(3)
+    agn[0, 0, 3, 3] = math.log(9)
+    gt = _gt([[4, 4, 20, 20]], classes=[1], size=32)
+    ltrb = [torch.full((1, 4, 4, 4), 0.5)]
+    losses = net.losses([torch.full((1, 2, 4, 4), -20.0)], ltrb, [(4, 4)], [gt], [agn])
+    assert losses["loss_centernet_agn_hm"].item() == pytest.approx(0.87317653, rel=1e-5)
+    assert losses["loss_centernet_hm"].item() == pytest.approx(1.15106230, rel=1e-5)
+    assert "loss_centernet_agn_hm" not in net.losses([torch.full((1, 2, 4, 4), -20.0)], ltrb, [(4, 4)], [gt])
+
+
 def _set_stage_probs(model, stage_probs):
     """Each cascade stage predicts fixed softmax probabilities (whatever the features) and no box change."""
     for predictor, probs in zip(model.roi_heads.box_predictor, stage_probs):

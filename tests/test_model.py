@@ -90,7 +90,7 @@ def test_pixel_sizes_shrink_with_the_scales_images():
         assert c.CENTERNET.SOI[0][1] == pytest.approx(soi_hi) and c.CENTERNET.MIN_RADIUS == pytest.approx(radius)
         assert c.ANCHOR_GENERATOR.SIZES[0][0] == pytest.approx(anchor)
     head = build_model(get_model_cfg("centernet", "smoke", num_classes=3)).proposal_generator.head
-    _, ltrbs = head([torch.zeros(1, head.bbox_pred.in_channels, 2, 2)])
+    _, ltrbs, _ = head([torch.zeros(1, head.bbox_pred.in_channels, 2, 2)])
     assert torch.allclose(ltrbs[0], torch.full_like(ltrbs[0], 0.8))
 
 
