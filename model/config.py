@@ -16,7 +16,8 @@ def add_centernet2_config(cfg: CN) -> CN:
     # Class-specific heatmaps (AGNOSTIC False) plus the one-channel agnostic heatmap on the box
     # tower, trained on the categories' maximum; a proposal's score is sqrt(class p * agnostic p).
     # This is the official code's class-specific proposal path (AS_PROPOSAL with the WITH_AGN_HM that
-    # its Base-CenterNet2.yaml sets); False: a proposal's score is its class heatmap's p alone.
+    # its Base-CenterNet2.yaml sets); False: a proposal's score is its class heatmap's p alone (the
+    # default: with it CenterNet2-specific scored lower, reports/reference/experiments.md).
     _C.MODEL.CENTERNET.WITH_AGN_HM = False
     # True: output proposals for RoI heads (CenterNet2); False: output final detections (CenterNet-FPN).
     _C.MODEL.CENTERNET.ONLY_PROPOSAL = False
