@@ -1,4 +1,5 @@
 """A scratch copy of this repository as its own git repo, driven like a user drives it."""
+import importlib.util
 import os
 import shutil
 import signal
@@ -9,6 +10,16 @@ from pathlib import Path
 import yaml
 
 from pipeline.params import ROOT
+
+
+def load_script(relpath: str):
+    """A script of this repository that is not in a package (``benchmarks/``, ``tools/``), imported
+    as a module named by its file's stem, e.g. ``load_script("tools/tail_imbalance.py")``."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_dataset(root: Path, num_val: int = 6, image_size=(64, 80), seed: int = 2,

@@ -1,19 +1,15 @@
 """The benchmark scripts run and report what they measured (speed itself is not asserted)."""
-import importlib.util
 import json
 
 import pytest
 import torch
 
 from model import get_model_cfg
-from pipeline.params import ROOT
+from tests.helpers import load_script
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_train_speed_times_each_detector_and_projects_its_schedule(tmp_path):

@@ -32,7 +32,7 @@ from detectron2.modeling import build_model
 from pipeline.runs import export as ex
 from pipeline.runs import train as tr
 from pipeline.runs.spec import resolve
-from tests.helpers import smoke_params, tiny_dataset
+from tests.helpers import load_script, smoke_params, tiny_dataset
 
 DETECTORS = ("centernet2_agnostic", "cascadercnn")
 TOL = 1e-3
@@ -134,14 +134,9 @@ def test_latency_benchmark_times_both_exports_and_leaves_the_model_in_eval_mode(
     the PyTorch model still in eval mode afterwards (its own timing follows), and the reason for a
     model with test-time augmentation. Deliberate break tried, which failed this test: the adapter not
     put in eval mode in ``export_model`` (``torch.onnx.export`` then left the detector training)."""
-    import importlib.util
-
     from model import get_model_cfg
-    from pipeline.params import ROOT
 
-    spec = importlib.util.spec_from_file_location("latency", ROOT / "benchmarks" / "latency.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/latency.py")
     cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=3, overrides=["MODEL.DEVICE", "cpu"])
     model = build_model(cfg).eval()
     gen = torch.Generator().manual_seed(0)

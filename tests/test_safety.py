@@ -14,6 +14,7 @@ import yaml
 from pipeline import params as P
 from pipeline import stage
 from pipeline.data import prepare as prep
+from tests.helpers import load_script
 
 GOOD = yaml.safe_load(P.PARAMS_FILE.read_text())
 
@@ -440,12 +441,9 @@ def test_train_speed_writes_no_predictable_temp_file(tmp_path, monkeypatch):
     """A symbolic link planted at the old name ``$TMPDIR/cn2-bench-cat-info-3.json`` is not written
     through, and nothing is left in $TMPDIR. Broken deliberately: with the old ``_uniform_freq`` the
     victim file was overwritten with the category list."""
-    import importlib.util
     import tempfile
 
-    spec = importlib.util.spec_from_file_location("train_speed", P.ROOT / "benchmarks" / "train_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/train_speed.py")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     tmpdir = tmp_path / "tmp"

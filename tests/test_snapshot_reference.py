@@ -1,14 +1,11 @@
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "snapshot_reference", Path(__file__).resolve().parents[1] / "tools" / "snapshot_reference.py")
-snapshot_reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(snapshot_reference)
+from tests.helpers import load_script
+
+snapshot_reference = load_script("tools/snapshot_reference.py")
 
 
 @pytest.fixture

@@ -1,12 +1,8 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "tail_imbalance", Path(__file__).resolve().parents[1] / "tools" / "tail_imbalance.py")
-tail_imbalance = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tail_imbalance)
+from tests.helpers import load_script
+
+tail_imbalance = load_script("tools/tail_imbalance.py")
 group_stats, lvis_rare_share_bound = tail_imbalance.group_stats, tail_imbalance.lvis_rare_share_bound
 
 
