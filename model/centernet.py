@@ -171,10 +171,9 @@ class CenterNetHead(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.constant_(m.bias, 0.0)
-        for heatmap in (self.agn_hm if agnostic or self.with_agn_hm else None,
-                        None if agnostic else self.cls_logits):
-            if heatmap is not None:
-                nn.init.constant_(heatmap.bias, -math.log((1 - prior_prob) / prior_prob))
+        for name in ("agn_hm", "cls_logits"):
+            if hasattr(self, name):
+                nn.init.constant_(getattr(self, name).bias, -math.log((1 - prior_prob) / prior_prob))
         # Boxes start ``bbox_bias`` strides to each side (official: 8).
         nn.init.constant_(self.bbox_pred.bias, bbox_bias)
 
@@ -440,20 +439,19 @@ class CenterNet(nn.Module):
         # Flat index of each positive in the (N, K, M) logits.
         pos_index = torch.cat([(i * num_maps + c) * m + loc for i, (loc, c) in enumerate(zip(pos_locs, pos_clss))])
         heat_t = torch.stack(heat_t)
-        pos, neg = heatmap_focal_loss(hm_logits.float().reshape(-1), heat_t.reshape(-1), pos_index,
-                                      self.hm_alpha, self.hm_beta, self.hm_gamma, self.sigmoid_clamp,
-                                      self.ignore_high_fp)
         # The official normaliser: positives averaged over workers, at least 1.
         num_pos = max(self._mean_over_workers(float(len(pos_index)), device), 1.0)
-        loss_hm = (self.pos_weight * pos + self.neg_weight * neg) / num_pos
-        extra = {}
+
+        def focal(logits, targets, index):
+            pos, neg = heatmap_focal_loss(logits.float().reshape(-1), targets.reshape(-1), index, self.hm_alpha,
+                                          self.hm_beta, self.hm_gamma, self.sigmoid_clamp, self.ignore_high_fp)
+            return (self.pos_weight * pos + self.neg_weight * neg) / num_pos * self.hm_weight
+
+        out = {"loss_centernet_hm": focal(hm_logits, heat_t, pos_index)}
         if agn_heatmaps is not None:
             agn_logits = torch.cat([h.flatten(2) for h in agn_heatmaps], dim=2)  # (N, 1, M)
             agn_pos_index = torch.cat([i * m + loc for i, loc in enumerate(pos_locs)])
-            pos, neg = heatmap_focal_loss(agn_logits.float().reshape(-1), heat_t.max(dim=1).values.reshape(-1),
-                                          agn_pos_index, self.hm_alpha, self.hm_beta, self.hm_gamma,
-                                          self.sigmoid_clamp, self.ignore_high_fp)
-            extra["loss_centernet_agn_hm"] = (self.pos_weight * pos + self.neg_weight * neg) / num_pos * self.hm_weight
+            out["loss_centernet_agn_hm"] = focal(agn_logits, heat_t.max(dim=1).values, agn_pos_index)
 
         mask = torch.stack(reg_masks)  # (N, M)
         pred, target = ltrb[mask], torch.stack(reg_t)[mask]
@@ -463,8 +461,8 @@ class CenterNet(nn.Module):
             weight = heat_t.max(dim=1).values[mask]
         reg_norm = max(self._mean_over_workers(weight.sum().item(), device), 1.0)
         loss_reg = (ltrb_giou_loss(pred, target) * weight).sum() / reg_norm if len(pred) else ltrb.sum() * 0.0
-        return {"loss_centernet_hm": loss_hm * self.hm_weight, "loss_centernet_reg": loss_reg * self.reg_weight,
-                **extra}
+        out["loss_centernet_reg"] = loss_reg * self.reg_weight
+        return out
 
     @staticmethod
     def _mean_over_workers(value: float, device) -> float:
@@ -482,17 +480,19 @@ class CenterNet(nn.Module):
         ``agn_heatmaps`` a location's class probabilities are multiplied by its agnostic one."""
         phase = 0 if self.training else 1
         results = []
+        sqrt_score = self.agnostic or agn_heatmaps is not None
         agn_heatmaps = agn_heatmaps or [None] * len(heatmaps)
         for i, image_size in enumerate(image_sizes):
             boxes, scores, classes = [], [], []
             for hm, agn, ltrb, s in zip(heatmaps, agn_heatmaps, ltrbs, self.strides):
                 h, w = hm.shape[2:]
-                prob = hm[i].sigmoid().flatten()  # (K*H*W,), class-major
-                candidates = (prob > self.score_thresh).nonzero().squeeze(1)
+                prob = hm[i].sigmoid()  # (K, H, W)
+                candidates = (prob.flatten() > self.score_thresh).nonzero().squeeze(1)
                 if agn is not None:
                     # Official predict_single_level: candidates by the class p alone, then ranked
                     # (and scored) by class p * agnostic p.
-                    prob = (hm[i].sigmoid() * agn[i].sigmoid()).flatten()
+                    prob = prob * agn[i].sigmoid()
+                prob = prob.flatten()  # (K*H*W,), class-major
                 top = prob[candidates].topk(min(self.pre_nms_topk[phase], len(candidates)))
                 idx = candidates[top.indices]
                 loc_idx = idx % (h * w)
@@ -505,7 +505,7 @@ class CenterNet(nn.Module):
                 scores.append(top.values)
                 classes.append(idx // (h * w))
             scores = torch.cat(scores)
-            if self.agnostic or agn_heatmaps[0] is not None:
+            if sqrt_score:
                 # Official predict_single_level: with the agnostic heatmap the proposal score is
                 # sqrt(sigmoid) (sqrt(class p * agnostic p) with both), so the CenterNet2 test score
                 # sqrt(s * score) is (s * sqrt(p))^0.5.
