@@ -222,7 +222,8 @@ class CenterNet(nn.Module):
                  hm_weight: float = 1.0, reg_weight: float = 2.0, not_norm_reg: bool = True,
                  more_pos: bool = False, more_pos_thresh: float = 0.2, more_pos_topk: int = 9,
                  score_thresh: float = 0.05, pre_nms_topk: Tuple[int, int] = (1000, 1000),
-                 post_nms_topk: Tuple[int, int] = (100, 100), nms_thresh: Tuple[float, float] = (0.6, 0.6)):
+                 post_nms_topk: Tuple[int, int] = (100, 100), nms_thresh: Tuple[float, float] = (0.6, 0.6),
+                 nms_class_agnostic: bool = False):
         """
         ``pre_nms_topk``, ``post_nms_topk`` and ``nms_thresh`` are (train, test) pairs; see
         ``model/config.py`` for every argument's config key and meaning. Defaults: the official
@@ -246,6 +247,7 @@ class CenterNet(nn.Module):
         self.more_pos, self.more_pos_thresh, self.more_pos_topk = more_pos, more_pos_thresh, more_pos_topk
         self.score_thresh = score_thresh
         self.pre_nms_topk, self.post_nms_topk, self.nms_thresh = pre_nms_topk, post_nms_topk, nms_thresh
+        self.nms_class_agnostic = nms_class_agnostic
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -268,6 +270,7 @@ class CenterNet(nn.Module):
             "pre_nms_topk": (c.PRE_NMS_TOPK_TRAIN, c.PRE_NMS_TOPK_TEST),
             "post_nms_topk": (c.POST_NMS_TOPK_TRAIN, c.POST_NMS_TOPK_TEST),
             "nms_thresh": (c.NMS_THRESH_TRAIN, c.NMS_THRESH_TEST),
+            "nms_class_agnostic": c.NMS_CLASS_AGNOSTIC,
         }
 
     def forward(self, images: ImageList, features: Dict[str, torch.Tensor],
@@ -514,8 +517,10 @@ class CenterNet(nn.Module):
         return results
 
     def _select(self, boxes, scores, classes, image_size, phase) -> Instances:
-        """NMS (per class when class-specific; official ``ml_nms``), keep the top post-NMS."""
-        keep = batched_nms(boxes, scores, classes, self.nms_thresh[phase])[: self.post_nms_topk[phase]]
+        """NMS (per class when class-specific, as official ``ml_nms``, unless NMS_CLASS_AGNOSTIC),
+        keep the top post-NMS."""
+        groups = torch.zeros_like(classes) if self.nms_class_agnostic else classes
+        keep = batched_nms(boxes, scores, groups, self.nms_thresh[phase])[: self.post_nms_topk[phase]]
         out = Instances(image_size)
         if self.only_proposal:
             out.proposal_boxes = Boxes(boxes[keep])

@@ -80,6 +80,11 @@ def add_centernet2_config(cfg: CN) -> CN:
     # IoU threshold of the NMS over candidates (official NMS_TH_*; 0.9 for CenterNet2 proposals).
     _C.MODEL.CENTERNET.NMS_THRESH_TRAIN = 0.6
     _C.MODEL.CENTERNET.NMS_THRESH_TEST = 0.6
+    # True: one NMS over all candidates whatever their category, so a class-specific head keeps one
+    # box per place instead of one per (place, category). Not in the official code (its ml_nms is
+    # per category: a class-specific CenterNet2's top-k proposals can be copies of one box under
+    # several categories; reports/reference/experiments.md sec. 3). No effect on agnostic heads.
+    _C.MODEL.CENTERNET.NMS_CLASS_AGNOSTIC = False
 
     # ---- Cascade RoI heads ------------------------------------------------------------------------
     # At test, final score = sqrt(proposal score * classification score) (report sec. 4).

@@ -272,6 +272,28 @@ def test_6_class_specific_proposals_with_the_agnostic_heatmap():
     assert props.proposal_boxes.tensor.tolist() == [[12, 12, 28, 28], [4, 4, 20, 20], [-4, -4, 12, 12]]
 
 
+def test_6_class_agnostic_nms_keeps_one_proposal_per_place():
+    """
+    Official ml_nms runs per category, so a class-specific head proposes one box several times, once
+    per category that peaks at its location. NMS_CLASS_AGNOSTIC (not official; opt-in) suppresses the
+    copies. One 4x4 level, 2 categories, ltrb 1 stride (boxes 16 px):
+        cell (1, 1) class 0 p = .64 and class 1 p = .5 -> the same box [4, 4, 20, 20] twice
+        cell (2, 2) class 1 p = .3                     -> [12, 12, 28, 28], IoU 64 / 448 = .14 < .9
+    Per category (default): .64, .5, .3. Class-agnostic: .64, .3 (the copy, IoU 1 > .9, dropped).
+    Break tried: grouping by class in both cases -> three proposals, fails.
+    """
+    hm = torch.full((1, 2, 4, 4), -20.0)
+    for (c, y, x), p in (((0, 1, 1), .64), ((1, 1, 1), .5), ((1, 2, 2), .3)):
+        hm[0, c, y, x] = _logit(p)
+    expected = {False: ([.64, .5, .3], [[4, 4, 20, 20]] * 2 + [[12, 12, 28, 28]]),
+                True: ([.64, .3], [[4, 4, 20, 20], [12, 12, 28, 28]])}
+    for agnostic_nms, (scores, boxes) in expected.items():
+        net = _net("centernet2_specific", num_classes=2, NMS_CLASS_AGNOSTIC=agnostic_nms).eval()
+        (props,) = net.inference([hm], [torch.ones(1, 4, 4, 4)], [(32, 32)])
+        assert props.objectness_logits.sigmoid().tolist() == pytest.approx(scores, rel=1e-4)
+        assert props.proposal_boxes.tensor.tolist() == boxes
+
+
 def test_2_agnostic_heatmap_loss_of_a_class_specific_head():
     """
     Official ``losses`` with WITH_AGN_HM beside the class heatmaps: the agnostic heatmap is trained
