@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from detectron2.structures import Boxes
 
 from model import get_model_cfg
 from tests.helpers import load_script
@@ -81,3 +82,17 @@ def test_latency_gives_an_untrained_rpn_its_configured_proposals():
         model([{"image": image}])
     assert counts[0] < cfg.MODEL.RPN.POST_NMS_TOPK_TEST
     assert counts[1] == cfg.MODEL.RPN.POST_NMS_TOPK_TEST == 1000
+
+
+def test_proposal_diversity_counts_boxes_no_higher_scored_one_repeats():
+    """
+    Four boxes in descending score: A [0,0,10,10]; A again (IoU 1 with A); C [0,0,10,5] (IoU 50/100 =
+    .5 with A); D [0,0,10,8] (IoU .8 with A, 50/80 = .625 with C). At IoU .7: A, C distinct (2); the
+    copy and D repeat A. At .9: A, C, D (3). Break tried: comparing a box with later (lower-scored)
+    ones as well -> A counts as repeated, fails.
+    """
+    distinct = _load("proposal_diversity").distinct
+    boxes = Boxes(torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 8]], dtype=torch.float32))
+    assert distinct(boxes, 0.7) == 2
+    assert distinct(boxes, 0.9) == 3
+    assert distinct(boxes[:0], 0.7) == 0
