@@ -53,3 +53,18 @@ def test_a_second_view_does_not_duplicate_unchanged_figures(reports, monkeypatch
 def test_out_must_be_a_folder_under_reports(reports, monkeypatch, out):
     with pytest.raises(SystemExit, match="must be a folder under"):
         _snapshot(out, monkeypatch)
+
+
+def test_the_inputs_the_runs_read_are_recorded(reports, monkeypatch):
+    """A user whose numbers differ must be able to tell other inputs from other hardware."""
+    data = reports.parent / "data"
+    (data / "synthetic").mkdir(parents=True)
+    (data / "synthetic" / "prepare.json").write_text('{"checksum": "abc123"}')
+    _snapshot("reports/reference", monkeypatch)
+    readme = (reports / "reference" / "README.md").read_text()
+    assert "- inputs: dataset `synthetic` checksum `abc123`\n" in readme
+    (data / "pretrain").mkdir()
+    (data / "pretrain" / "pretrain.json").write_text('{"sha256": "fff999", "trained": true}')
+    _snapshot("reports/reference", monkeypatch)
+    readme = (reports / "reference" / "README.md").read_text()
+    assert "- inputs: dataset `synthetic` checksum `abc123`; pretrained backbone sha256 `fff999`\n" in readme

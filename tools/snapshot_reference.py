@@ -6,7 +6,8 @@ and how they were made, so a user can compare their run with it (README "Referen
                                        [--out reports/reference]
 
 Records the git commit the run started from (``--commit``, default HEAD), the machine (CPU model,
-cores, memory, GPU if any, torch threads) and the params the tables were made with.
+cores, memory, GPU if any, torch threads), and the inputs the runs read: each prepared dataset's
+checksum (``data/*/prepare.json``) and the pretrained backbone's sha256 (``data/pretrain/pretrain.json``).
 """
 import argparse
 import json
@@ -43,6 +44,18 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {cores} cores{mem}, {gpu}; {platform.system()} {platform.release()}, torch {torch.__version__}"
+
+
+def inputs() -> str:
+    """The prepared datasets' checksums and the pretrained backbone's sha256 found under ``data/``: with
+    them a user can tell inputs that differ from training that diverged on other hardware."""
+    found = []
+    for record in sorted((ROOT / "data").glob("*/prepare.json")):
+        found.append(f"dataset `{record.parent.name}` checksum `{json.loads(record.read_text())['checksum']}`")
+    backbone = ROOT / "data" / "pretrain" / "pretrain.json"
+    if backbone.is_file() and json.loads(backbone.read_text()).get("sha256"):
+        found.append(f"pretrained backbone sha256 `{json.loads(backbone.read_text())['sha256']}`")
+    return "; ".join(found) or "none recorded (no data/*/prepare.json)"
 
 
 def main() -> None:
@@ -85,11 +98,14 @@ def main() -> None:
     summary = json.loads((REPORTS / "summary.json").read_text())
     lines = ["# Reference run", "",
              "The synthetic Tables 1-2 at 3 seeds, as produced by the command below; compare your run's",
-             "`reports/` with these files (same params, same code: the same numbers up to thread-count",
-             "nondeterminism).", "",
+             "`reports/` with these files. Same params, code and inputs (below) on the same machine give the",
+             "same numbers up to thread-count nondeterminism; on other hardware training diverges, for some",
+             "detectors by more than the seeds' spread (reports/reference/experiments.md sec. 4), so compare",
+             "rows measured on one machine.", "",
              f"- command: `{args.command}`",
              f"- commit: `{commit}`",
              f"- machine: {machine()}",
+             f"- inputs: {inputs()}",
              f"- wall time: {args.wall}" + (f" (started {args.started})" if args.started else ""),
              *( [f"- notes: {args.notes}"] if args.notes else []), "",
              "Files: " + ", ".join(f"`{f}`" for f in FILES)
