@@ -7,8 +7,8 @@ proposals and, of them, those that overlap no higher-scored proposal at IoU abov
 A run directory is a finished training run (``model_final.pth``, ``config.yaml``), e.g. one kept by
 ``benchmarks/learning.py --keep DIR`` (``DIR/<detector>``) or one in the run store. Prints, per run,
 proposals per image and distinct proposals per image (means over the first ``--images`` validation
-images). A class-specific CenterNet2 with per-category NMS proposes one box once per category that
-fires at its place (reports/reference/experiments.md sec. 3).
+images). A class-specific CenterNet2 with per-category NMS proposes a box once per category that
+fires at its place (reports/reference/experiments.md sec. 3-4).
 """
 import argparse
 import sys

@@ -53,8 +53,9 @@ def inputs() -> str:
     for record in sorted((ROOT / "data").glob("*/prepare.json")):
         found.append(f"dataset `{record.parent.name}` checksum `{json.loads(record.read_text())['checksum']}`")
     backbone = ROOT / "data" / "pretrain" / "pretrain.json"
-    if backbone.is_file() and json.loads(backbone.read_text()).get("sha256"):
-        found.append(f"pretrained backbone sha256 `{json.loads(backbone.read_text())['sha256']}`")
+    sha = json.loads(backbone.read_text()).get("sha256") if backbone.is_file() else None
+    if sha:  # absent where the scale starts from no pretrained backbone
+        found.append(f"pretrained backbone sha256 `{sha}`")
     return "; ".join(found) or "none recorded (no data/*/prepare.json)"
 
 
