@@ -62,6 +62,9 @@ def test_job_array_runs_every_seed_and_follows_the_profile(repo):
     array = out.stderr.split("submitted 2 job(s) to slurm: ")[1].split(";")[0].split(", ")
     assert len(array) == 2 and array[0].endswith("_0") and array[1].endswith("_1")
     for job in array:
+        # submitit reads the result as soon as the job writes it; Slurm's record follows within seconds
+        # (seen: RUNNING still, on a fast machine).
+        _wait_for(lambda job=job: _sacct(job)[0][1] != "RUNNING", "Slurm to record the job's end", 60)
         (row,) = _sacct(job)
         assert row[1] == "COMPLETED" and row[2] == PROFILE["partition"]
         assert int(row[3]) == PROFILE["cpus_per_task"] and row[4] == f"{PROFILE['mem_gb'] * 1024}M"
