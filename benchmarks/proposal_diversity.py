@@ -19,13 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # isort: off
 import model  # noqa: E402,F401  (first: model.compat must run before detectron2 loads)
 import torch  # noqa: E402
-from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import pairwise_iou  # noqa: E402
-from pipeline.data import datasets  # noqa: E402
-from pipeline.runs.spec import RunSpec  # noqa: E402
-from pipeline.runs.train import AtomicCheckpointer, final_weights  # noqa: E402
+from pipeline.runs.predict import load_config, load_model, val_split  # noqa: E402
 # isort: on
 
 
@@ -39,13 +35,9 @@ def distinct(boxes, iou: float) -> int:
 
 
 def measure(run_dir: Path, images: int, iou: float) -> dict:
-    spec = RunSpec.from_json((run_dir / "run.json").read_text())
-    datasets.register(spec.data_name, spec.data_dir)
-    cfg = CfgNode.load_cfg((run_dir / "config.yaml").read_text())
-    net = build_model(cfg)
-    AtomicCheckpointer(net).load(str(final_weights(run_dir)))
-    net.eval()
-    dataset = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:images]
+    cfg = load_config(run_dir, device="cpu")
+    net = load_model(run_dir, cfg)
+    dataset = DatasetCatalog.get(val_split(run_dir).name)[:images]
     counts, kept = [], []
     with torch.no_grad():
         for (inputs,) in build_detection_test_loader(dataset, mapper=DatasetMapper(cfg, is_train=False),
