@@ -517,9 +517,10 @@ class CenterNet(nn.Module):
         return results
 
     def _select(self, boxes, scores, classes, image_size, phase) -> Instances:
-        """NMS (per class when class-specific, as official ``ml_nms``, unless NMS_CLASS_AGNOSTIC),
-        keep the top post-NMS."""
-        groups = torch.zeros_like(classes) if self.nms_class_agnostic else classes
+        """NMS (per class when class-specific, as official ``ml_nms``, unless NMS_CLASS_AGNOSTIC and
+        these are proposals), keep the top post-NMS."""
+        agnostic = self.nms_class_agnostic and self.only_proposal
+        groups = torch.zeros_like(classes) if agnostic else classes
         keep = batched_nms(boxes, scores, groups, self.nms_thresh[phase])[: self.post_nms_topk[phase]]
         out = Instances(image_size)
         if self.only_proposal:

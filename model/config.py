@@ -80,12 +80,13 @@ def add_centernet2_config(cfg: CN) -> CN:
     # IoU threshold of the NMS over candidates (official NMS_TH_*; 0.9 for CenterNet2 proposals).
     _C.MODEL.CENTERNET.NMS_THRESH_TRAIN = 0.6
     _C.MODEL.CENTERNET.NMS_THRESH_TEST = 0.6
-    # True: one NMS over all candidates whatever their category, so a class-specific head keeps one
-    # box per place instead of one per (place, category). Not in the official code (its ml_nms is
-    # per category, so a class-specific CenterNet2's top-k proposals are copies of a few boxes under
-    # several categories): measured +2.6 AP for CenterNet2-specific at the synthetic scale, from
-    # training on distinct proposals (reports/reference/experiments.md sec. 3-4). No effect on
-    # agnostic heads; on CenterNet-FPN it makes the final detections' NMS class-agnostic.
+    # True: the proposal NMS runs over all candidates whatever their category, so a class-specific
+    # CenterNet2 proposes one box per place instead of one per (place, category). Not in the official
+    # code (its ml_nms is per category, so a class-specific CenterNet2's top-k proposals are copies
+    # of a few boxes under several categories): measured +2.6 AP for CenterNet2-specific at the
+    # synthetic scale, from training on distinct proposals (reports/reference/experiments.md sec.
+    # 3-4). Proposals only: no effect on agnostic heads, nor on CenterNet-FPN's final detections,
+    # whose NMS stays per category as official (so one train.opts setting can serve every detector).
     _C.MODEL.CENTERNET.NMS_CLASS_AGNOSTIC = False
 
     # ---- Cascade RoI heads ------------------------------------------------------------------------

@@ -280,7 +280,10 @@ def test_6_class_agnostic_nms_keeps_one_proposal_per_place():
         cell (1, 1) class 0 p = .64 and class 1 p = .5 -> the same box [4, 4, 20, 20] twice
         cell (2, 2) class 1 p = .3                     -> [12, 12, 28, 28], IoU 64 / 448 = .14 < .9
     Per category (default): .64, .5, .3. Class-agnostic: .64, .3 (the copy, IoU 1 > .9, dropped).
-    Break tried: grouping by class in both cases -> three proposals, fails.
+    The key is for proposals only: CenterNet-FPN's final detections keep the official per-category
+    NMS, so the same map gives .64, .5, .3 with classes 0, 1, 1 whatever the key.
+    Breaks tried, each fails: grouping by class in both cases (three proposals); the key applied to
+    one-stage detections too (two detections).
     """
     hm = torch.full((1, 2, 4, 4), -20.0)
     for (c, y, x), p in (((0, 1, 1), .64), ((1, 1, 1), .5), ((1, 2, 2), .3)):
@@ -292,6 +295,10 @@ def test_6_class_agnostic_nms_keeps_one_proposal_per_place():
         (props,) = net.inference([hm], [torch.ones(1, 4, 4, 4)], [(32, 32)])
         assert props.objectness_logits.sigmoid().tolist() == pytest.approx(scores, rel=1e-4)
         assert props.proposal_boxes.tensor.tolist() == boxes
+        one_stage = _net("centernet", num_classes=2, NMS_CLASS_AGNOSTIC=agnostic_nms).eval()
+        (dets,) = one_stage.inference([hm], [torch.ones(1, 4, 4, 4)], [(32, 32)])
+        assert dets.scores.tolist() == pytest.approx([.64, .5, .3], rel=1e-4)
+        assert dets.pred_classes.tolist() == [0, 1, 1]
 
 
 def test_2_agnostic_heatmap_loss_of_a_class_specific_head():
