@@ -23,7 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import submitit
 import yaml
@@ -33,20 +33,6 @@ from pipeline.runs.progress import StageProgress
 from pipeline.runs.spec import RunSpec
 
 logger = logging.getLogger("pipeline.launch")
-SLURM_DIR = P.ROOT / "slurm"
-# Profile keys and the submitit parameters they set.
-PROFILE_KEYS = {
-    "partition": "slurm_partition",
-    "gpus_per_node": "gpus_per_node",
-    "cpus_per_task": "cpus_per_task",
-    "mem_gb": "mem_gb",
-    "nodes": "nodes",
-    "constraint": "slurm_constraint",
-    "account": "slurm_account",
-    "qos": "slurm_qos",
-    "additional_parameters": "slurm_additional_parameters",
-    "setup": "slurm_setup",
-}
 
 
 class StageFailed(RuntimeError):
@@ -92,23 +78,6 @@ def _train_worker(run_dir: str, spec_json: str) -> None:
     train.run(Path(run_dir), RunSpec.from_json(spec_json))
 
 
-def load_profile(name: Optional[str]) -> Dict[str, Any]:
-    if not name:
-        raise P.ParamError("params.yaml: launcher.profile is null; launcher.cluster=slurm needs a profile, "
-                           f"allowed: {', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}")
-    # Profiles are executable configuration (their `setup` lines run as shell): a bare name is a file
-    # of slurm/ only (never one that happens to lie in the working directory); anything else must be
-    # an explicit path (holding a '/').
-    path = Path(name) if "/" in name or os.sep in name else SLURM_DIR / name
-    if not path.is_file():
-        raise P.ParamError(f"params.yaml: launcher.profile={name!r}: not found; allowed: "
-                           f"{', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}, or a path "
-                           f"holding '/' (e.g. ./my-profile.yaml)")
-    profile = yaml.safe_load(path.read_text()) or {}
-    P.check_keys(profile, PROFILE_KEYS, "", source=str(path))
-    return profile
-
-
 def _tail(job, lines: int = 25) -> str:
     try:
         text = job.stderr() or ""
@@ -123,8 +92,8 @@ def _executor(launcher: Dict[str, Any], folder: Path, name: str):
     executor.update_parameters(timeout_min=launcher.get("timeout_min", 600), name=name)
     gpus = threads = 0
     if cluster == "slurm":
-        profile = load_profile(launcher.get("profile"))
-        executor.update_parameters(**{PROFILE_KEYS[k]: v for k, v in profile.items()},
+        profile = P.load_profile(launcher.get("profile"))
+        executor.update_parameters(**{P.PROFILE_KEYS[k]: v for k, v in profile.items()},
                                    slurm_array_parallelism=launcher.get("parallel", 2))
         gpus = int(profile.get("gpus_per_node", 0))
         threads = int(profile.get("cpus_per_task", 0))

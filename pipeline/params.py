@@ -1,5 +1,8 @@
 """
-Reading and checking ``params.yaml``, and the ``--set KEY=VALUE`` / ``dvc exp run -S`` overrides.
+Reading and checking ``params.yaml``, and the ``--set KEY=VALUE`` / ``dvc exp run -S`` overrides;
+the study rows merged into the top level (:func:`study_rows`) and the Slurm profiles
+``launcher.profile`` names (:func:`load_profile`). The bottom layer of ``pipeline``: it imports no
+other part of it (tests/test_layers.py).
 
 Every stage checks the whole file the same way, through :func:`check`, before doing any work: a
 YAML syntax error, an unknown key, or a value outside its allowed set raises :class:`ParamError`
@@ -9,6 +12,7 @@ with one line naming the file given (``--params``), such as
 """
 import copy
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -26,6 +30,23 @@ LOSS_NAMES = ("softmax", "sigmoid", "eql", "fedloss")
 CLUSTERS = ("local", "slurm", "debug")
 DEVICES = ("auto", "cpu", "cuda")
 FINAL_DTYPES = ("float16", "float32")  # train.final_dtype
+# data.synthetic (pipeline/data/synthetic.py): each setting's type and bounds, (int | float | "open"
+# (a float above lo), lo, hi). The caps keep a typo from filling the disk (120k images of at most
+# 512 px: about 6 GB of PNG) or memory.
+SYNTHETIC_LIMITS = {
+    "num_train": (int, 20, 120_000),
+    "num_val": (int, 1, 20_000),
+    "num_classes": (int, 3, 192),  # every (shape, colour, pattern) of the generator: 8 x 8 x 3
+    "image_size": (int, 64, 512),
+    "seed": (int, 0, 2**32 - 1),
+    "head_fraction": ("open", 0, 1),
+    "tail_exponent": (float, 0, 10),
+    "p_unlabeled": (float, 0, 1),
+    "p_not_exhaustive": (float, 0, 1),
+    "max_neg": (int, 0, 100),
+    "max_instances": (int, 2, 20),
+    "val_min_images": (int, 1, 1000),
+}
 # Study and row names become file names (results/studies/<study>.json) and MLflow experiment, run
 # and artifact names: letters, digits, '_', '.', '-', not starting with '.' or '-'.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -163,11 +184,9 @@ def _image_size(lo: int, hi: int) -> Callable:
 
 
 def _synthetic_schema():
-    """``data.synthetic``: each value's type and bounds (``pipeline.data.synthetic.LIMITS``)."""
-    from pipeline.data.synthetic import LIMITS
-
+    """``data.synthetic``: each value's type and bounds (``SYNTHETIC_LIMITS``)."""
     rules = {}
-    for key, (kind, lo, hi) in LIMITS.items():
+    for key, (kind, lo, hi) in SYNTHETIC_LIMITS.items():
         if key == "image_size":
             rules[key] = _image_size(lo, hi)
         elif kind is int:
@@ -268,6 +287,83 @@ def _check_opts_keys(params: Dict[str, Any], source: str) -> None:
         raise ParamError(f"{source}: train.opts={opts!r}: {detail} (detector {detector}, scale {scale})") from None
 
 
+# --- studies -------------------------------------------------------------------------------------
+
+ROW_KEYS = ("detector", "loss", "seeds", "scale", "data", "train", "switches")
+# What a row never inherits: the main experiment's detector, loss and Table 3 steps. A row names its
+# own detector and loss and lists its own switches (none when it lists none); the rest (data, scale,
+# seeds, train, eval, tracking, launcher) comes from the top level unless the row overrides it.
+ROW_ONLY = {"detector": None, "loss": None, "switches": []}
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``update`` merged in, mapping by mapping (a row's ``data`` overrides single keys)."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else copy.deepcopy(v)
+    return out
+
+
+def study_rows(params: Dict[str, Any], study: str) -> Dict[str, Dict[str, Any]]:
+    """The rows of ``studies.<study>``, each checked and merged into the top-level params (all but
+    ``ROW_ONLY``, which the row alone sets)."""
+    studies = params.get("studies") or {}
+    if study not in studies:
+        raise ParamError(f"params.yaml: studies.{study}: no such study; allowed: {', '.join(studies) or '(none)'}")
+    rows = {}
+    for name, row in (studies[study] or {}).items():
+        prefix = f"studies.{study}.{name}"
+        if not isinstance(row, dict):
+            raise ParamError(f"params.yaml: {prefix} must be a mapping with keys: {', '.join(ROW_KEYS)}")
+        check_keys(row, ROW_KEYS, f"{prefix}.")
+        for required in ("detector", "loss"):
+            if required not in row:
+                raise ParamError(f"params.yaml: {prefix}: missing key '{required}'")
+        inherited = {k: v for k, v in params.items() if k not in ROW_ONLY and k != "studies"}
+        merged = _merge(inherited, {"switches": list(ROW_ONLY["switches"]), **row})
+        try:
+            validate(merged, source=f"params.yaml ({prefix})")
+        except ParamError as e:
+            raise ParamError(str(e).replace(f"params.yaml ({prefix}): ", f"params.yaml: {prefix}.")) from None
+        rows[name] = merged
+    return rows
+
+
+# --- Slurm profiles (launcher.profile) -------------------------------------------------------
+
+SLURM_DIR = ROOT / "slurm"
+# Profile keys and the submitit parameters they set.
+PROFILE_KEYS = {
+    "partition": "slurm_partition",
+    "gpus_per_node": "gpus_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "mem_gb": "mem_gb",
+    "nodes": "nodes",
+    "constraint": "slurm_constraint",
+    "account": "slurm_account",
+    "qos": "slurm_qos",
+    "additional_parameters": "slurm_additional_parameters",
+    "setup": "slurm_setup",
+}
+
+
+def load_profile(name: Optional[str]) -> Dict[str, Any]:
+    if not name:
+        raise ParamError("params.yaml: launcher.profile is null; launcher.cluster=slurm needs a profile, "
+                           f"allowed: {', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}")
+    # Profiles are executable configuration (their `setup` lines run as shell): a bare name is a file
+    # of slurm/ only (never one that happens to lie in the working directory); anything else must be
+    # an explicit path (holding a '/').
+    path = Path(name) if "/" in name or os.sep in name else SLURM_DIR / name
+    if not path.is_file():
+        raise ParamError(f"params.yaml: launcher.profile={name!r}: not found; allowed: "
+                           f"{', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}, or a path "
+                           f"holding '/' (e.g. ./my-profile.yaml)")
+    profile = yaml.safe_load(path.read_text()) or {}
+    check_keys(profile, PROFILE_KEYS, "", source=str(path))
+    return profile
+
+
 def check(params: Dict[str, Any], source: Path = "params.yaml") -> None:
     """
     The check every stage runs on the whole file before any work: every key and value (including
@@ -275,8 +371,6 @@ def check(params: Dict[str, Any], source: Path = "params.yaml") -> None:
     ``run_studies`` naming studies, and the Slurm profile when ``launcher.cluster`` is slurm.
     Messages name ``source`` (the file given by ``--params``).
     """
-    from pipeline.runs.spec import study_rows
-
     try:
         validate(params)
         studies = params.get("studies") or {}
@@ -287,8 +381,6 @@ def check(params: Dict[str, Any], source: Path = "params.yaml") -> None:
                 raise ParamError(f"params.yaml: run_studies: {study!r} is not a study; allowed: "
                                  f"{', '.join(studies)}")
         if get(params, "launcher.cluster", "local") == "slurm":
-            from pipeline.launch import load_profile
-
             load_profile(get(params, "launcher.profile"))
     except ParamError as e:
         message = str(e)

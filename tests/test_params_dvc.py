@@ -15,7 +15,7 @@ from pipeline import params as P
 from pipeline.data import prepare
 from pipeline.report import aggregate
 from pipeline.runs import pretrain
-from pipeline.runs.spec import resolve, study_rows, study_specs
+from pipeline.runs.spec import resolve, study_specs
 from pipeline.runs.tracking import tracking_uri
 
 # One change per line: a dotted params key and a valid new value; each table1-3 row named here
@@ -87,13 +87,13 @@ def test_study_rows_set_their_own_detector_loss_and_switches():
     """
     params = {**P.load(), "detector": "cascadercnn", "loss": "eql", "switches": ["mask"], "seeds": [3, 4],
               "train": {**P.load()["train"], "max_iter": 9}}
-    rows = study_rows(params, "table1")
+    rows = P.study_rows(params, "table1")
     assert (rows["centernet"]["detector"], rows["centernet"]["loss"], rows["centernet"]["switches"]) == (
         "centernet", "softmax", [])
     assert rows["centernet"]["seeds"] == [3, 4] and rows["centernet"]["train"]["max_iter"] == 9
     assert rows["centernet_coco"]["seeds"] == [0]
     assert rows["centernet_coco"]["data"] == {**params["data"], "annotations": "coco"}
-    table3 = study_rows(params, "table3")
+    table3 = P.study_rows(params, "table3")
     assert table3["baseline"]["switches"] == [] and table3["mask"]["switches"] == ["mask"]
     assert table3["sched2x"]["switches"] == ["mask", "sched2x"]
     specs = study_specs(params, "table1")["centernet"]

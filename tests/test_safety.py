@@ -427,7 +427,7 @@ def test_slurm_profile_names_only_slurm_dir_or_an_explicit_path(tmp_path, monkey
     """A ``local.yaml`` in the working directory (its ``setup`` would run as shell) is not taken for
     the bare name ``local.yaml``: slurm/local.yaml is; ``./local.yaml`` (a path) takes the local one.
     Broken deliberately: with the old lookup (the working directory first) the planted file won."""
-    from pipeline.launch import SLURM_DIR, load_profile
+    from pipeline.params import SLURM_DIR, load_profile
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "local.yaml").write_text("setup: ['touch /tmp/pwned']\n")

@@ -34,6 +34,8 @@ from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.ops import unary_union
 
+from pipeline.params import SYNTHETIC_LIMITS as LIMITS
+
 # LVIS v1 frequency buckets by number of training images (Gupta et al., LVIS, section 4).
 RARE_MAX, COMMON_MAX = 10, 100
 
@@ -86,22 +88,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# Each setting's type and bounds: (int | float | "open" (a float above lo), lo, hi). The caps keep a
-# typo from filling the disk (120k images of at most 512 px: about 6 GB of PNG) or memory.
-LIMITS = {
-    "num_train": (int, 20, 120_000),
-    "num_val": (int, 1, 20_000),
-    "num_classes": (int, 3, len(SHAPES) * len(COLOURS) * len(PATTERNS)),
-    "image_size": (int, 64, 512),
-    "seed": (int, 0, 2**32 - 1),
-    "head_fraction": ("open", 0, 1),
-    "tail_exponent": (float, 0, 10),
-    "p_unlabeled": (float, 0, 1),
-    "p_not_exhaustive": (float, 0, 1),
-    "max_neg": (int, 0, 100),
-    "max_instances": (int, 2, 20),
-    "val_min_images": (int, 1, 1000),
-}
 
 
 def frequency_bucket(image_count: int) -> str:

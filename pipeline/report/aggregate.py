@@ -19,7 +19,6 @@ from scipy import stats
 from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.paths import inside
-from pipeline.runs.spec import study_rows
 from pipeline.stage import RESULTS, params_main
 
 PAPER = P.ROOT / "reports" / "paper_values.yaml"
@@ -84,7 +83,7 @@ def collect(params: Dict[str, Any]) -> Dict[str, Any]:
         results_file = inside(RESULTS / "studies", f"{study}.json")
         results = json.loads(results_file.read_text())["rows"] if results_file.is_file() else {}
         rows = {}
-        for name, merged in study_rows(params, study).items():
+        for name, merged in P.study_rows(params, study).items():
             if name not in results:
                 rows[name] = None
                 continue
@@ -143,7 +142,7 @@ def render(study: str, params: Dict[str, Any], summary: Dict[str, Any], comparis
         lines += [f"Not run: `{study}` is not in params.yaml's `run_studies` "
                   f"(`dvc exp run -S 'run_studies=[...,{study}]'` runs it).", ""]
     rows = summary[study]
-    merged_rows = study_rows(params, study)
+    merged_rows = P.study_rows(params, study)
     paper_rows = paper.get(study, {})
     if study == "table1":
         header = ["Detector", "AP box", "AP r", "AP c", "AP f", "COCO AP box", "runtime ms (COCO model)"]

@@ -33,7 +33,7 @@ from pipeline import params as P  # noqa: E402
 from pipeline.atomic import save_figure, write_text  # noqa: E402
 from pipeline.paths import inside  # noqa: E402
 from pipeline.report.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect  # noqa: E402
-from pipeline.runs.spec import RunSpec, study_rows  # noqa: E402
+from pipeline.runs.spec import RunSpec  # noqa: E402
 from pipeline.runs.tracking import filter_value, redact_uri, tracking_uri  # noqa: E402
 from pipeline.stage import RESULTS, params_main  # noqa: E402
 
@@ -54,7 +54,7 @@ def ap_bars(params, summary, path: Path) -> None:
     study = "table2" if "table2" in summary else next(iter(summary), None)
     fig, ax = plt.subplots(figsize=(10, 4))
     rows = [(n, r) for n, r in (summary.get(study) or {}).items() if r and not n.endswith("_coco")]
-    merged = study_rows(params, study) if study else {}
+    merged = P.study_rows(params, study) if study else {}
     x = np.arange(len(rows))
     for i, (metric, colour) in enumerate((("APr", "#d62728"), ("APc", "#ff7f0e"), ("APf", "#1f77b4"))):
         means = [r[metric]["mean"] or 0 for _, r in rows]
@@ -211,7 +211,7 @@ def ap_by_category(params, results: Dict[str, Any], path: Path, study: str = "ta
     if not rows:
         _placeholder(path, f"no evaluated {study} run with LVIS-style labels yet (dvc repro study@{study})")
         return
-    merged = study_rows(params, study)
+    merged = P.study_rows(params, study)
     cols = min(len(rows), 4)
     nrows = -(-len(rows) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False, sharey=True)

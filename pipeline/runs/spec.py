@@ -2,7 +2,6 @@
 One run = one (detector, loss, seed, scale) on one dataset: resolved from ``params.yaml`` plus
 overrides into the record a run directory keeps (``run.json``) and the detectron2 config it trains.
 """
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -140,50 +139,10 @@ def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[in
 PRETRAINED_SCALES = ("synthetic",)
 
 
-ROW_KEYS = ("detector", "loss", "seeds", "scale", "data", "train", "switches")
-# What a row never inherits: the main experiment's detector, loss and Table 3 steps. A row names its
-# own detector and loss and lists its own switches (none when it lists none); the rest (data, scale,
-# seeds, train, eval, tracking, launcher) comes from the top level unless the row overrides it.
-ROW_ONLY = {"detector": None, "loss": None, "switches": []}
-
-
-def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    """``base`` with ``update`` merged in, mapping by mapping (a row's ``data`` overrides single keys)."""
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else copy.deepcopy(v)
-    return out
-
-
-def study_rows(params: Dict[str, Any], study: str) -> Dict[str, Dict[str, Any]]:
-    """The rows of ``studies.<study>``, each checked and merged into the top-level params (all but
-    ``ROW_ONLY``, which the row alone sets)."""
-    studies = params.get("studies") or {}
-    if study not in studies:
-        raise P.ParamError(f"params.yaml: studies.{study}: no such study; allowed: {', '.join(studies) or '(none)'}")
-    rows = {}
-    for name, row in (studies[study] or {}).items():
-        prefix = f"studies.{study}.{name}"
-        if not isinstance(row, dict):
-            raise P.ParamError(f"params.yaml: {prefix} must be a mapping with keys: {', '.join(ROW_KEYS)}")
-        P.check_keys(row, ROW_KEYS, f"{prefix}.")
-        for required in ("detector", "loss"):
-            if required not in row:
-                raise P.ParamError(f"params.yaml: {prefix}: missing key '{required}'")
-        inherited = {k: v for k, v in params.items() if k not in ROW_ONLY and k != "studies"}
-        merged = _merge(inherited, {"switches": list(ROW_ONLY["switches"]), **row})
-        try:
-            P.validate(merged, source=f"params.yaml ({prefix})")
-        except P.ParamError as e:
-            raise P.ParamError(str(e).replace(f"params.yaml ({prefix}): ", f"params.yaml: {prefix}.")) from None
-        rows[name] = merged
-    return rows
-
-
 def study_specs(params: Dict[str, Any], study: str) -> Dict[str, List[RunSpec]]:
     """Per row of a study, one RunSpec per seed."""
     out = {}
-    for name, merged in study_rows(params, study).items():
+    for name, merged in P.study_rows(params, study).items():
         out[name] = [resolve(merged, seed=s, study=study, row=name) for s in merged["seeds"]]
     return out
 
