@@ -164,6 +164,14 @@ def test_synthetic_size_flags_are_bounded(tmp_path, monkeypatch, capsys, flags, 
     assert not (tmp_path / "data").exists()
 
 
+def test_synthetic_class_cap_is_the_generators_vocabulary():
+    """params.py's cap on data.synthetic.num_classes (kept there so that params imports no data module)
+    is every (shape, colour, pattern) the generator can draw: a category beyond it has no look."""
+    from pipeline.data.synthetic import COLOURS, PATTERNS, SHAPES
+
+    assert P.SYNTHETIC_LIMITS["num_classes"][2] == len(SHAPES) * len(COLOURS) * len(PATTERNS)
+
+
 # --- 5. data that is not what it says -------------------------------------------------------------
 
 def _tiny_lvis(root: Path, fmt: str = "PNG") -> Path:
