@@ -88,8 +88,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-
-
 def frequency_bucket(image_count: int) -> str:
     """LVIS's r/c/f rule on the number of training images a category is annotated in."""
     if image_count <= RARE_MAX:
