@@ -87,6 +87,7 @@ def add_centernet2_config(cfg: CN) -> CN:
     # synthetic scale, from training on distinct proposals (reports/reference/experiments.md sec.
     # 3-4). Proposals only: no effect on agnostic heads, nor on CenterNet-FPN's final detections,
     # whose NMS stays per category as official (so one train.opts setting can serve every detector).
+    # Off here, as the official code; params.yaml's default train.opts turns it on for the pipeline.
     _C.MODEL.CENTERNET.NMS_CLASS_AGNOSTIC = False
 
     # ---- Cascade RoI heads ------------------------------------------------------------------------
