@@ -350,16 +350,16 @@ PROFILE_KEYS = {
 def load_profile(name: Optional[str]) -> Dict[str, Any]:
     """The Slurm profile ``launcher.profile`` names (a file of slurm/, or a path holding '/'), its keys
     checked against ``PROFILE_KEYS``."""
+    allowed = ", ".join(sorted(p.name for p in SLURM_DIR.glob("*.yaml")))
     if not name:
-        raise ParamError("params.yaml: launcher.profile is null; launcher.cluster=slurm needs a profile, "
-                         f"allowed: {', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}")
+        raise ParamError(f"params.yaml: launcher.profile is null; launcher.cluster=slurm needs a profile, "
+                         f"allowed: {allowed}")
     # Profiles are executable configuration (their `setup` lines run as shell): a bare name is a file
     # of slurm/ only (never one that happens to lie in the working directory); anything else must be
     # an explicit path (holding a '/').
     path = Path(name) if "/" in name or os.sep in name else SLURM_DIR / name
     if not path.is_file():
-        raise ParamError(f"params.yaml: launcher.profile={name!r}: not found; allowed: "
-                         f"{', '.join(sorted(p.name for p in SLURM_DIR.glob('*.yaml')))}, or a path "
+        raise ParamError(f"params.yaml: launcher.profile={name!r}: not found; allowed: {allowed}, or a path "
                          f"holding '/' (e.g. ./my-profile.yaml)")
     profile = yaml.safe_load(path.read_text()) or {}
     check_keys(profile, PROFILE_KEYS, "", source=str(path))
