@@ -30,6 +30,9 @@ LOSS_NAMES = ("softmax", "sigmoid", "eql", "fedloss")
 CLUSTERS = ("local", "slurm", "debug")
 DEVICES = ("auto", "cpu", "cuda")
 FINAL_DTYPES = ("float16", "float32")  # train.final_dtype
+# What a run does when its params leave one of these train keys out (a partial params dict, as the
+# tests build): params.yaml's values, which tests/test_params_dvc.py holds equal to these.
+TRAIN_RUN_DEFAULTS = {"log_period": 20, "keep_checkpoints": 0, "final_dtype": "float16"}
 # data.synthetic (pipeline/data/synthetic.py): each setting's type and bounds, (int | float | "open"
 # (a float above lo), lo, hi). The caps keep a typo from filling the disk (120k images of at most
 # 512 px: about 6 GB of PNG) or memory.

@@ -101,6 +101,12 @@ def test_study_rows_set_their_own_detector_loss_and_switches():
         ("centernet", "softmax", [], 3), ("centernet", "softmax", [], 4)]
 
 
+def test_run_fallbacks_are_params_yaml_defaults():
+    """A run whose params leave out log_period, keep_checkpoints or final_dtype (the tests' partial
+    params) behaves as params.yaml's defaults say; editing either alone fails here."""
+    assert {key: P.load()["train"][key] for key in P.TRAIN_RUN_DEFAULTS} == P.TRAIN_RUN_DEFAULTS
+
+
 def _fake_results(params, root):
     """Hand-made results for every row of every study, seeds 0 and 1 (AP 10 + row index + seed)."""
     (root / "results" / "studies").mkdir(parents=True)

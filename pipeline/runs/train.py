@@ -77,10 +77,10 @@ FINAL_WEIGHTS = "model_final.pth"
 # all 200 synthetic val images: box AP 5.635 against 5.630 in float32, AP_r equal); float32 keeps the
 # trained values bit for bit.
 FINAL_DTYPES = {name: getattr(torch, name) for name in P.FINAL_DTYPES}
-DEFAULT_FINAL_DTYPE = "float16"
 # train.keep_checkpoints: periodic checkpoints (model + optimizer + scheduler) left once a run has
-# finished; while it trains the last one always stays, which is all resuming needs.
-DEFAULT_KEEP_CHECKPOINTS = 0
+# finished; while it trains the last one always stays, which is all resuming needs. The fallbacks
+# for a params dict without train.log_period / keep_checkpoints / final_dtype are params.yaml's.
+DEFAULTS = P.TRAIN_RUN_DEFAULTS
 # The only files resume and evaluation load from a run directory: periodic checkpoints (zero-padded
 # iteration: name order is iteration order) and the final weights.
 PERIODIC_NAME = re.compile(r"model_[0-9]{7}\.pth")
@@ -247,7 +247,7 @@ class RetainingCheckpointer(hooks.PeriodicCheckpointer):
     """
 
     def __init__(self, checkpointer: AtomicCheckpointer, period: int, max_to_keep: int,
-                 final_dtype: str = DEFAULT_FINAL_DTYPE):
+                 final_dtype: str = DEFAULTS["final_dtype"]):
         super().__init__(checkpointer, period)
         self.keep = max_to_keep
         self.final_dtype = final_dtype
@@ -321,8 +321,9 @@ class MetricsLog(hooks.HookBase):
 class Trainer(SimpleTrainer):
     """detectron2's ``SimpleTrainer`` with the schedule, checkpointing and logging of one run."""
 
-    def __init__(self, cfg, seed: int, tracker: Optional[Tracker] = None, log_period: int = 20,
-                 keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, final_dtype: str = DEFAULT_FINAL_DTYPE):
+    def __init__(self, cfg, seed: int, tracker: Optional[Tracker] = None,
+                 log_period: int = DEFAULTS["log_period"], keep_checkpoints: int = DEFAULTS["keep_checkpoints"],
+                 final_dtype: str = DEFAULTS["final_dtype"]):
         seed_all_rng(seed)
         model = create_ddp_model(build_model(cfg), broadcast_buffers=False)
         optimizer = build_optimizer(cfg, model)
@@ -613,9 +614,8 @@ def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
         if tracker is not None and weights is not None:
             tracker.set_tags({"initial_weights": weights.source, "initial_weights_path": weights.path,
                               "initial_weights_sha256": weights.sha256})
-        trainer = Trainer(cfg, spec.seed, tracker, spec.train.get("log_period", 20),
-                          spec.train.get("keep_checkpoints", DEFAULT_KEEP_CHECKPOINTS),
-                          spec.train.get("final_dtype", DEFAULT_FINAL_DTYPE))
+        trainer = Trainer(cfg, spec.seed, tracker, *(spec.train.get(key, DEFAULTS[key])
+                                                     for key in ("log_period", "keep_checkpoints", "final_dtype")))
         trainer.resume()
         if trainer.start_iter == 0 and weights is not None:
             trainer.load_initial_weights(weights)
