@@ -614,8 +614,8 @@ def _train(run_dir: Path, spec: RunSpec, track: bool) -> Path:
         if tracker is not None and weights is not None:
             tracker.set_tags({"initial_weights": weights.source, "initial_weights_path": weights.path,
                               "initial_weights_sha256": weights.sha256})
-        trainer = Trainer(cfg, spec.seed, tracker, *(spec.train.get(key, DEFAULTS[key])
-                                                     for key in ("log_period", "keep_checkpoints", "final_dtype")))
+        trainer = Trainer(cfg, spec.seed, tracker,
+                          **{key: spec.train.get(key, default) for key, default in DEFAULTS.items()})
         trainer.resume()
         if trainer.start_iter == 0 and weights is not None:
             trainer.load_initial_weights(weights)
