@@ -68,3 +68,19 @@ def test_the_inputs_the_runs_read_are_recorded(reports, monkeypatch):
     _snapshot("reports/reference", monkeypatch)
     readme = (reports / "reference" / "README.md").read_text()
     assert "- inputs: dataset `synthetic` checksum `abc123`; pretrained backbone sha256 `fff999`\n" in readme
+
+
+def test_the_recipe_is_read_from_the_commit_not_the_working_tree(reports, monkeypatch):
+    """Run keys carry model.presets.RECIPE: a snapshot says which recipe made it, as the commit had it."""
+    repo = reports.parent
+    _snapshot("reports/reference", monkeypatch)
+    assert "- recipe:" not in (reports / "reference" / "README.md").read_text()  # a commit before RECIPE
+
+    (repo / "model").mkdir()
+    (repo / "model" / "presets.py").write_text('"""presets"""\nRECIPE = 7  # version\n')
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "model/presets.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "recipe 7"], check=True)
+    (repo / "model" / "presets.py").write_text("RECIPE = 8\n")  # edited since, not committed
+    _snapshot("reports/reference", monkeypatch)
+    assert "- recipe: 7 (`model.presets.RECIPE` at that commit)\n" in (reports / "reference" / "README.md").read_text()

@@ -5,11 +5,13 @@ and how they were made, so a user can compare their run with it (README "Referen
     python tools/snapshot_reference.py --command "dvc exp run ..." --wall "2h 51m" [--started ISO] [--notes TEXT]
                                        [--out reports/reference]
 
-Records the git commit the run started from (``--commit``, default HEAD), the machine (CPU model,
-cores, memory, GPU if any, torch threads), and the inputs the runs read: each prepared dataset's
+Records the git commit the run started from (``--commit``, default HEAD), the training recipe's
+version at that commit (``model.presets.RECIPE``), the machine (CPU model, cores, memory, GPU if any,
+torch threads), and the inputs the runs read: each prepared dataset's
 checksum (``data/*/prepare.json``) and the pretrained backbone's sha256 (``data/pretrain/pretrain.json``).
 """
 import argparse
+import ast
 import json
 import os
 import platform
@@ -59,6 +61,18 @@ def inputs() -> str:
     return "; ".join(found) or "none recorded (no data/*/prepare.json)"
 
 
+def recipe(commit: str) -> int | None:
+    """``model.presets.RECIPE`` as the commit holds it (read from git, not from the working tree, which
+    may have moved on since the run); None where the commit predates it."""
+    shown = subprocess.run(["git", "show", f"{commit}:model/presets.py"], cwd=ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        return None
+    for node in ast.parse(shown.stdout).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "RECIPE" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--command", required=True, help="the command that produced the run")
@@ -78,6 +92,7 @@ def main() -> None:
         sys.exit(f"error: reports/{missing[0]} not found: run the pipeline first")
     commit = subprocess.run(["git", "rev-parse", args.commit], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
+    version = recipe(commit)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy2(REPORTS / f, out / f)
@@ -105,6 +120,7 @@ def main() -> None:
              "rows measured on one machine.", "",
              f"- command: `{args.command}`",
              f"- commit: `{commit}`",
+             *([f"- recipe: {version} (`model.presets.RECIPE` at that commit)"] if version is not None else []),
              f"- machine: {machine()}",
              f"- inputs: {inputs()}",
              f"- wall time: {args.wall}" + (f" (started {args.started})" if args.started else ""),
