@@ -21,7 +21,7 @@ PAPER = {
 @pytest.fixture
 def summary(tmp_path, monkeypatch):
     rows = {name: {"detector": "centernet", "loss": "softmax", "seeds": SEEDS[name]} for name in AP}
-    params = {"seeds": [0, 1], "studies": {"t": rows}}
+    params = {"seeds": [0, 1], "studies": {"t": rows}, "run_studies": ["t"]}
     results = {"study": "t", "rows": {
         name: {"seeds": {f"seed{s}": {"bbox": {"AP": v, "APr": v, "APc": v}, "segm": None, "runtime_ms": 5.0 + s,
                                       "mlflow_run_id": f"{name}{s}"} for s, v in values.items()}}
@@ -75,3 +75,19 @@ def test_welch_p_value_and_the_holds_rule(summary):
     assert da["diff"] == 9.0 and da["n"] == [1, 2] and da["p"] is None and da["holds"] is None
     no_paper = out[("a", "b", "APc")]
     assert no_paper["paper_diff"] is None and no_paper["holds"] is True
+
+
+def test_a_study_left_out_of_run_studies_is_not_run_even_with_an_old_results_file(tmp_path, monkeypatch):
+    """`dvc exp run -S 'run_studies=[table2]' -S eval.detections_per_image=10` re-scores Table 2 only:
+    Table 1's results file from an earlier run (300 per image) must not appear in its tables as if it
+    were this run's. Seen in a reference re-scoring: its table1.md said "Not run" above the old numbers."""
+    rows = {"a": {"detector": "centernet", "loss": "softmax", "seeds": [0]}}
+    (tmp_path / "results" / "studies").mkdir(parents=True)
+    (tmp_path / "results" / "studies" / "old.json").write_text(json.dumps({"study": "old", "rows": {
+        "a": {"seeds": {"seed0": {"bbox": {"AP": 30.0}, "segm": None, "runtime_ms": 5.0}}}}}))
+    monkeypatch.chdir(tmp_path)
+    params = {"seeds": [0], "studies": {"old": rows}, "run_studies": []}
+    assert aggregate.collect(params) == {"old": {"a": None}}
+    assert aggregate.collect({**params, "run_studies": ["old"]})["old"]["a"]["AP"]["values"] == [30.0]
+    table = aggregate.render("old", params, aggregate.collect(params), {}, {})
+    assert "Not run: `old` is not in params.yaml's `run_studies`" in table and "30.0" not in table

@@ -76,12 +76,21 @@ def _cell(stat: Optional[Dict[str, Any]], paper_cell) -> str:
     return f"{ours} · paper {_fmt_paper(paper_cell)} · Δ {stat['mean'] - _paper(paper_cell):+.1f}"
 
 
+def load_results(params: Dict[str, Any], study: str) -> Dict[str, Any]:
+    """A study's rows as its stage wrote them to ``results/studies/<study>.json``; {} when it has not
+    run, or is not in ``run_studies``: a file an earlier run left behind may hold other settings'
+    numbers (other eval settings, seeds or code), and this run's stages did not check it."""
+    if study not in (params.get("run_studies") or []):
+        return {}
+    results_file = inside(RESULTS / "studies", f"{study}.json")
+    return json.loads(results_file.read_text())["rows"] if results_file.is_file() else {}
+
+
 def collect(params: Dict[str, Any]) -> Dict[str, Any]:
     """Per study and row: mean/std/n of each metric over the row's current seeds (None: not run)."""
     summary = {}
     for study in params.get("studies") or {}:
-        results_file = inside(RESULTS / "studies", f"{study}.json")
-        results = json.loads(results_file.read_text())["rows"] if results_file.is_file() else {}
+        results = load_results(params, study)
         rows = {}
         for name, merged in P.study_rows(params, study).items():
             if name not in results:

@@ -31,8 +31,7 @@ import yaml  # noqa: E402
 
 from pipeline import params as P  # noqa: E402
 from pipeline.atomic import save_figure, write_text  # noqa: E402
-from pipeline.paths import inside  # noqa: E402
-from pipeline.report.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect  # noqa: E402
+from pipeline.report.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect, load_results  # noqa: E402
 from pipeline.runs.spec import RunSpec  # noqa: E402
 from pipeline.runs.tracking import filter_value, redact_uri, tracking_uri  # noqa: E402
 from pipeline.stage import RESULTS, params_main  # noqa: E402
@@ -265,10 +264,7 @@ def runs_table(summary, uri: str) -> str:
 def report(params) -> None:
     summary = collect(params)
     paper = yaml.safe_load(PAPER.read_text())
-    results = {}
-    for study in summary:
-        f = inside(RESULTS / "studies", f"{study}.json")
-        results[study] = json.loads(f.read_text())["rows"] if f.is_file() else {}
+    results = {study: load_results(params, study) for study in summary}
     ap_bars(params, summary, FIGURES / "ap_rcf.png")
     loss_curves(params, results, FIGURES / "loss_curves.png")
     accuracy_vs_runtime(params, summary, paper, FIGURES / "accuracy_vs_runtime.png")
