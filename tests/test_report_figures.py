@@ -97,3 +97,15 @@ def test_the_main_run_is_the_lowest_seed_that_finished_training(tmp_path, monkey
     with pytest.raises(SystemExit):
         pr.main(["--run-dir", "main", "x.png"])
     assert "main: no trained main run in results/main_runs.json" in capsys.readouterr().err
+
+
+def test_accuracy_vs_runtime_says_table1_was_not_run_instead_of_empty_axes(tmp_path, monkeypatch):
+    """A Table-2-only re-scoring has no Table 1 rows: the figure says so (it drew empty axes before)."""
+    said = []
+    monkeypatch.setattr(rp, "_placeholder", lambda path, text: said.append(text))
+    rp.accuracy_vs_runtime({}, {"table1": {"centernet": None, "centernet_coco": None}}, {}, tmp_path / "f.png")
+    assert len(said) == 1 and "Table 1 not run" in said[0]
+    stat = {"mean": 20.0, "std": 1.0, "n": 2, "values": [19.0, 21.0]}
+    rows = {"centernet": {"AP": stat, "runtime_ms": {**stat, "mean": 50.0}}, "centernet_coco": None}
+    rp.accuracy_vs_runtime({}, {"table1": rows}, {}, tmp_path / "g.png")
+    assert len(said) == 1 and (tmp_path / "g.png").is_file()

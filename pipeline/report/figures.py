@@ -90,11 +90,14 @@ def loss_curves(params, results: Dict[str, Any], path: Path) -> None:
 
 
 def accuracy_vs_runtime(params, summary, paper, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4.5))
     rows = summary.get("table1") or {}
-    for name, r in rows.items():
-        if not r or name.endswith("_coco") or r["AP"]["mean"] is None:
-            continue
+    plotted = [name for name, r in rows.items() if r and not name.endswith("_coco") and r["AP"]["mean"] is not None]
+    if not plotted:  # e.g. a re-scoring of Table 2 alone: say so rather than draw empty axes
+        _placeholder(path, "Accuracy vs runtime: Table 1 not run\n(add table1 to params.yaml's run_studies)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in plotted:
+        r = rows[name]
         coco = rows.get(f"{name}_coco") or {}
         runtime = (coco.get("runtime_ms") or r["runtime_ms"])["mean"]
         ax.errorbar(runtime, r["AP"]["mean"], yerr=r["AP"]["std"], fmt="o", capsize=3)
