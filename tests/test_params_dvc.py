@@ -46,7 +46,8 @@ TRAINING = {"main", "study@table1", "study@table2"}
 # switches and everything a run depends on or is launched or tracked with; a study the same but
 # detector, loss and switches (its rows set those) plus its own rows; aggregate the seeds, the
 # studies and which are run, and the scale and dataset name its table headers print; report the
-# seeds and studies (for the same rows as the tables) and the MLflow store it lists runs from.
+# seeds, studies and which are run (for the same rows as the tables) and the MLflow store it lists
+# runs from.
 STALE = {
     "data.name": {"prepare", "pretrain", *TRAINING, "aggregate"},
     "data.root": {"prepare", "pretrain", *TRAINING},
@@ -62,11 +63,14 @@ STALE = {
     "eval.max_images": TRAINING,
     "tracking.uri": {*TRAINING, "report"},
     "launcher.parallel": TRAINING,
-    "run_studies": {"aggregate"},  # and study@table2 is no longer a stage
+    "run_studies": {"aggregate", "report"},  # and study@table2 is no longer a stage
     "studies.table1.centernet.seeds": {"study@table1", "aggregate", "report"},
     "studies.table2.cascadercnn_eql.seeds": {"study@table2", "aggregate", "report"},
-    "studies.table3.mask.seeds": {"aggregate", "report"},  # table3 is not in run_studies
+    "studies.table3.mask.seeds": set(),  # table3 is not in run_studies: nothing reads its rows
 }
+# DVC compares `studies` as one param, so a row of a study outside run_studies re-runs the two
+# report stages, which then write the same files: the one place DVC re-runs more than the code reads.
+DVC_STALE = {**STALE, "studies.table3.mask.seeds": {"aggregate", "report"}}
 
 
 def _changed(params, key):
@@ -206,4 +210,4 @@ def test_dvc_yaml_makes_exactly_the_stages_in_the_table_stale(dvc_repo, monkeypa
             found[key] = _dvc_stale(dvc_repo)
     finally:
         (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert found == STALE
+    assert found == DVC_STALE
