@@ -1,5 +1,7 @@
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,26 @@ def test_the_recipe_is_read_from_the_commit_not_the_working_tree(reports, monkey
     (repo / "model" / "presets.py").write_text("RECIPE = 8\n")  # edited since, not committed
     _snapshot("reports/reference", monkeypatch)
     assert "- recipe: 7 (`model.presets.RECIPE` at that commit)\n" in (reports / "reference" / "README.md").read_text()
+
+
+def test_the_params_the_run_trained_with_are_recorded(reports, monkeypatch):
+    """settings.json: the commit's params.yaml with the command's -S overrides, as `dvc exp run` applied
+    them; `python -m pipeline.report.reference` compares a user's params with it."""
+    repo = reports.parent
+    _snapshot("reports/reference", monkeypatch)
+    assert not (reports / "reference" / "settings.json").exists()  # a commit without params.yaml
+
+    (repo / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "params"], check=True)
+    (repo / "params.yaml").write_text("seeds: [5]\n")  # edited since: not what the run used
+    monkeypatch.setattr(sys, "argv", ["snapshot_reference.py", "--command",
+                                      "dvc exp run -S 'seeds=[0,1,2]' -S eval.max_images=null", "--wall", "1h"])
+    snapshot_reference.main()
+    recorded = json.loads((reports / "reference" / "settings.json").read_text())
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert recorded["commit"] == head and recorded["command"].startswith("dvc exp run -S")
+    assert recorded["params"]["seeds"] == [0, 1, 2] and recorded["params"]["eval"]["max_images"] is None
+    assert recorded["params"]["eval"]["detections_per_image"] == 300  # the commit's own value
+    assert "`settings.json`" in (reports / "reference" / "README.md").read_text()

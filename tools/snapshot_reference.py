@@ -5,13 +5,14 @@ and how they were made, so a user can compare their run with it (README "Referen
     python tools/snapshot_reference.py --command "dvc exp run ..." --wall "2h 51m" [--started ISO] [--notes TEXT]
                                        [--out reports/reference]
 
-Records the git commit the run started from (``--commit``, default HEAD), the training recipe's
-version at that commit (``model.presets.RECIPE``), the machine (CPU model, cores, memory, GPU if any,
-torch threads), and the inputs the runs read: each prepared dataset's
-checksum (``data/*/prepare.json``) and the pretrained backbone's sha256 (``data/pretrain/pretrain.json``).
+Records the git commit the run started from (``--commit``, default HEAD), the params it trained with
+(``settings.json``: that commit's params.yaml with the command's ``-S`` overrides, which
+``python -m pipeline.report.reference`` compares a user's run with), the training recipe's version at
+that commit (``model.presets.RECIPE``), the machine (CPU model, cores, memory, GPU if any, torch
+threads), and the inputs the runs read: each prepared dataset's checksum (``data/*/prepare.json``) and
+the pretrained backbone's sha256 (``data/pretrain/pretrain.json``).
 """
 import argparse
-import ast
 import json
 import os
 import platform
@@ -19,6 +20,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
+
+from pipeline.report.reference import SETTINGS, recipe_in, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
@@ -61,16 +66,23 @@ def inputs() -> str:
     return "; ".join(found) or "none recorded (no data/*/prepare.json)"
 
 
+def _at_commit(commit: str, path: str) -> str | None:
+    shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
 def recipe(commit: str) -> int | None:
     """``model.presets.RECIPE`` as the commit holds it (read from git, not from the working tree, which
     may have moved on since the run); None where the commit predates it."""
-    shown = subprocess.run(["git", "show", f"{commit}:model/presets.py"], cwd=ROOT, capture_output=True, text=True)
-    if shown.returncode != 0:
-        return None
-    for node in ast.parse(shown.stdout).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "RECIPE" for t in node.targets):
-            return ast.literal_eval(node.value)
-    return None
+    source = _at_commit(commit, "model/presets.py")
+    return recipe_in(source) if source is not None else None
+
+
+def run_settings(commit: str, command: str, version: int | None) -> dict | None:
+    """settings.json: the commit's params.yaml with the command's ``-S`` overrides (what ``dvc exp run``
+    trained with), for ``python -m pipeline.report.reference``; None where the commit has no params.yaml."""
+    text = _at_commit(commit, "params.yaml")
+    return settings(yaml.safe_load(text), command, commit, version) if text is not None else None
 
 
 def main() -> None:
@@ -93,9 +105,13 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", args.commit], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
     version = recipe(commit)
+    recorded = run_settings(commit, args.command, version)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for f in FILES:
         shutil.copy2(REPORTS / f, out / f)
+    (out / SETTINGS).unlink(missing_ok=True)
+    if recorded is not None:
+        (out / SETTINGS).write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
     copied, shared = [], []
     for f in FIGURES:
         src = REPORTS / "figures" / f
@@ -114,10 +130,13 @@ def main() -> None:
     summary = json.loads((REPORTS / "summary.json").read_text())
     lines = ["# Reference run", "",
              "The synthetic Tables 1-2 at 3 seeds, as produced by the command below; compare your run's",
-             "`reports/` with these files. Same params, code and inputs (below) on the same machine give the",
-             "same numbers up to thread-count nondeterminism; on other hardware training diverges, for some",
-             "detectors by more than the seeds' spread (reports/reference/experiments.md sec. 4), so compare",
-             "rows measured on one machine.", "",
+             "`reports/` with these files: `python -m pipeline.report.reference --reference "
+             f"{os.path.relpath(out, ROOT)}`",
+             "tests each cell of your `reports/summary.json` against this one and lists the settings in which",
+             "the runs differ. Same params, code and inputs (below) on the same machine give the same numbers",
+             "up to thread-count nondeterminism; on other hardware training diverges, for some detectors by",
+             "more than the seeds' spread (reports/reference/experiments.md sec. 4), so compare rows measured",
+             "on one machine.", "",
              f"- command: `{args.command}`",
              f"- commit: `{commit}`",
              *([f"- recipe: {version} (`model.presets.RECIPE` at that commit)"] if version is not None else []),
@@ -125,7 +144,7 @@ def main() -> None:
              f"- inputs: {inputs()}",
              f"- wall time: {args.wall}" + (f" (started {args.started})" if args.started else ""),
              *( [f"- notes: {args.notes}"] if args.notes else []), "",
-             "Files: " + ", ".join(f"`{f}`" for f in FILES)
+             "Files: " + ", ".join(f"`{f}`" for f in FILES + ((SETTINGS,) if recorded else ()))
              + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied)
              + ("; unchanged from the main reference: " + ", ".join(f"`{f}`" for f in shared) if shared else ""),
              "",
