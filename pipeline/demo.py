@@ -19,7 +19,8 @@ def main(argv=None) -> None:
     # dvc.yaml's commands say `python`: make it this environment's, as `source .venv/bin/activate` would.
     env_vars = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([str(venv_bin / "dvc"), "repro"], cwd=ROOT, check=True, env=env_vars)
-    print(f"\ndemo done: tables and figures are under {ROOT / 'reports'}")
+    print(f"\ndemo done: tables and figures are under {ROOT / 'reports'}; against the committed reference run: "
+          "python -m pipeline.report.reference (README: Reference run)")
 
 
 if __name__ == "__main__":
