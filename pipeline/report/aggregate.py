@@ -86,11 +86,12 @@ def load_results(params: Dict[str, Any], study: str) -> Dict[str, Any]:
     return json.loads(results_file.read_text())["rows"] if results_file.is_file() else {}
 
 
-def collect(params: Dict[str, Any]) -> Dict[str, Any]:
-    """Per study and row: mean/std/n of each metric over the row's current seeds (None: not run)."""
+def collect(params: Dict[str, Any], loaded: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Per study and row: mean/std/n of each metric over the row's current seeds (None: not run).
+    ``loaded``: the studies' :func:`load_results`, where the caller has read them already."""
     summary = {}
     for study in params.get("studies") or {}:
-        results = load_results(params, study)
+        results = loaded[study] if loaded is not None else load_results(params, study)
         rows = {}
         for name, merged in P.study_rows(params, study).items():
             if name not in results:

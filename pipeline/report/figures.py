@@ -265,9 +265,9 @@ def runs_table(summary, uri: str) -> str:
 
 
 def report(params) -> None:
-    summary = collect(params)
+    results = {study: load_results(params, study) for study in params.get("studies") or {}}
+    summary = collect(params, results)
     paper = yaml.safe_load(PAPER.read_text())
-    results = {study: load_results(params, study) for study in summary}
     ap_bars(params, summary, FIGURES / "ap_rcf.png")
     loss_curves(params, results, FIGURES / "loss_curves.png")
     accuracy_vs_runtime(params, summary, paper, FIGURES / "accuracy_vs_runtime.png")
