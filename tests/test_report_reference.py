@@ -31,6 +31,10 @@ def test_settings_apply_the_overrides_to_the_commits_params():
     assert recorded["params"]["seeds"] == [0, 1, 2] and recorded["params"]["eval"]["max_images"] is None
     assert recorded["recipe"] == 3 and recorded["commit"] == "abc"
     assert base["seeds"] == P.load(P.PARAMS_FILE)["seeds"]  # the input is not modified
+    # The file is committed: a tracking URI's credentials stay out (https://user:secret@host/x -> host/x).
+    recorded = R.settings(base, "dvc exp run -S tracking.uri=https://user:secret@host/x", "abc", 3)
+    assert recorded["params"]["tracking"]["uri"] == "https://host/x" and "secret" not in json.dumps(recorded)
+    assert recorded["command"] == "dvc exp run -S tracking.uri=https://host/x"
 
 
 def test_welch_from_the_cells_mean_std_and_n():

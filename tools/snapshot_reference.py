@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.report.reference import SETTINGS, recipe_in, settings
+from pipeline.report.reference import SETTINGS, recipe_in, redact_command, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
@@ -137,7 +137,7 @@ def main() -> None:
              "up to thread-count nondeterminism; on other hardware training diverges, for some detectors by",
              "more than the seeds' spread (reports/reference/experiments.md sec. 4), so compare rows measured",
              "on one machine.", "",
-             f"- command: `{args.command}`",
+             f"- command: `{redact_command(args.command)}`",
              f"- commit: `{commit}`",
              *([f"- recipe: {version} (`model.presets.RECIPE` at that commit)"] if version is not None else []),
              f"- machine: {machine()}",

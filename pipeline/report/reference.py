@@ -15,6 +15,7 @@ study.
 import argparse
 import ast
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,6 +25,7 @@ from scipy import stats
 from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.launch import main_guard
+from pipeline.runs.tracking import redact_uri
 
 SETTINGS = "settings.json"
 # Keys that do not change a run's numbers: where things live, how often it logs and checkpoints,
@@ -65,11 +67,19 @@ def dvc_overrides(command: str) -> List[str]:
     return out
 
 
+def redact_command(command: str) -> str:
+    """``command`` with the ``user:password@`` of every URI in it removed (``-S tracking.uri=...``)."""
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@", r"\1", command)
+
+
 def settings(params: Dict[str, Any], command: str, commit: str, recipe: Optional[int]) -> Dict[str, Any]:
     """What ``settings.json`` holds: the params the reference ran with (the commit's params.yaml with the
-    command's ``-S`` overrides applied, as ``dvc exp run`` applies them), the command, commit and recipe."""
-    return {"command": command, "commit": commit, "recipe": recipe,
-            "params": P.apply_overrides(params, dvc_overrides(command), source=command)}
+    command's ``-S`` overrides applied, as ``dvc exp run`` applies them), the command, commit and recipe.
+    The tracking URI is stored without credentials, in the params and in the command: the file is committed."""
+    applied = P.apply_overrides(params, dvc_overrides(command), source=command)
+    if (applied.get("tracking") or {}).get("uri"):
+        applied["tracking"]["uri"] = redact_uri(applied["tracking"]["uri"])
+    return {"command": redact_command(command), "commit": commit, "recipe": recipe, "params": applied}
 
 
 def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
