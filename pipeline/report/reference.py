@@ -101,7 +101,7 @@ def row_differences(yours: Dict[str, Any], reference: Dict[str, Any], study: str
     its numbers and differs (a row's own overrides merged in, as the stage trains it)."""
     ours, theirs = P.study_rows(yours, study), P.study_rows(reference, study)
     out = {}
-    for row in ours.keys() & theirs.keys():
+    for row in [r for r in ours if r in theirs]:  # params.yaml's order: the output is stable
         a, b = _relevant(_flatten(ours[row])), _relevant(_flatten(theirs[row]))
         out[row] = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     return out
