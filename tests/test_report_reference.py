@@ -35,6 +35,9 @@ def test_settings_apply_the_overrides_to_the_commits_params():
     recorded = R.settings(base, "dvc exp run -S tracking.uri=https://user:secret@host/x", "abc", 3)
     assert recorded["params"]["tracking"]["uri"] == "https://host/x" and "secret" not in json.dumps(recorded)
     assert recorded["command"] == "dvc exp run -S tracking.uri=https://host/x"
+    # A password holding "@": the host is what follows the last one (tracking.redact_uri's rule).
+    assert R.redact_command("dvc exp run -S 'tracking.uri=https://u:p@ss@host:5000/x'") == \
+        "dvc exp run -S 'tracking.uri=https://host:5000/x'"
 
 
 def test_welch_from_the_cells_mean_std_and_n():

@@ -68,8 +68,8 @@ def dvc_overrides(command: str) -> List[str]:
 
 
 def redact_command(command: str) -> str:
-    """``command`` with the ``user:password@`` of every URI in it removed (``-S tracking.uri=...``)."""
-    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@", r"\1", command)
+    """``command`` with every URI in it (``-S tracking.uri=...``) passed through :func:`redact_uri`."""
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+", lambda m: redact_uri(m.group(0)), command)
 
 
 def settings(params: Dict[str, Any], command: str, commit: str, recipe: Optional[int]) -> Dict[str, Any]:
