@@ -25,6 +25,7 @@ from scipy import stats
 from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.launch import main_guard
+from pipeline.report.aggregate import BOX, MASK
 from pipeline.runs.tracking import redact_uri
 
 SETTINGS = "settings.json"
@@ -34,7 +35,6 @@ SETTINGS = "settings.json"
 IGNORED = ("data.root", "train.keep_checkpoints", "train.log_period", "train.checkpoint_period",
            "launcher", "tracking", "run_studies", "studies", "seeds")
 ALPHA = 0.05
-METRICS = ("AP", "APr", "APc", "APf")  # summary.json's keys, in the tables' order; mask_* after them
 
 
 def recipe_in(source: str) -> Optional[int]:
@@ -123,9 +123,8 @@ def cell_test(yours: Dict[str, Any], reference: Dict[str, Any]) -> Dict[str, Any
 
 def _cells(row: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """summary.json's flat ``AP``, ``AP_std``, ``AP_n`` keys -> ``{"AP": {"mean", "std", "n"}}``."""
-    order = METRICS + tuple(f"mask_{m}" for m in METRICS)
     return {k: {"mean": row[k], "std": row.get(f"{k}_std", 0.0), "n": row.get(f"{k}_n", 1)}
-            for k in order if k in row}
+            for k in BOX + MASK if k in row}
 
 
 def compare(summary: Dict[str, Any], reference_summary: Dict[str, Any], params: Dict[str, Any],
@@ -162,8 +161,8 @@ def _stat(cell: Dict[str, Any]) -> str:
     return f"{cell['mean']:.2f} ± {cell['std']:.2f} (n={cell['n']})"
 
 
-def _value(v: Any) -> str:
-    return json.dumps(v)
+def _listing(differences: List[Tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"`{k}` {json.dumps(a)}; {json.dumps(b)}" for k, a, b in differences)
 
 
 def render(result: Dict[str, Any], reference_dir: str, reference_settings: Dict[str, Any],
@@ -184,7 +183,7 @@ def render(result: Dict[str, Any], reference_dir: str, reference_settings: Dict[
                   "for that reason.", ""]
     seeds, ref_seeds = params.get("seeds"), ref_params.get("seeds")
     if seeds != ref_seeds:
-        lines += [f"Seeds: yours {_value(seeds)}, the reference's {_value(ref_seeds)} (rows that set their "
+        lines += [f"Seeds: yours {json.dumps(seeds)}, the reference's {json.dumps(ref_seeds)} (rows that set their "
                   "own keep them).", ""]
     for study, item in result["studies"].items():
         lines += [f"## {study}", ""]
@@ -194,13 +193,11 @@ def render(result: Dict[str, Any], reference_dir: str, reference_settings: Dict[
         differences = item["differences"]
         shared = set.intersection(*(set(d) for d in differences.values())) if differences else set()
         if shared:
-            lines += ["Settings that differ in every row (yours; reference): "
-                      + "; ".join(f"`{k}` {_value(a)}; {_value(b)}" for k, a, b in sorted(shared)) + ".", ""]
+            lines += [f"Settings that differ in every row (yours; reference): {_listing(sorted(shared))}.", ""]
         for row, diffs in differences.items():
             own = [d for d in diffs if d not in shared]
             if own:
-                lines += [f"Settings that differ in `{row}`: "
-                          + "; ".join(f"`{k}` {_value(a)}; {_value(b)}" for k, a, b in own) + ".", ""]
+                lines += [f"Settings that differ in `{row}`: {_listing(own)}.", ""]
         lines += ["| row | metric | yours | reference | Δ | p | verdict |", "|---|---|---|---|---:|---:|---|"]
         for c in item["cells"]:
             if "only" in c:
