@@ -96,3 +96,27 @@ def test_proposal_diversity_counts_boxes_no_higher_scored_one_repeats():
     assert distinct(boxes, 0.7) == 2
     assert distinct(boxes, 0.9) == 3
     assert distinct(boxes[:0], 0.7) == 0
+
+
+def test_proposal_recall_counts_boxes_a_top_k_proposal_overlaps():
+    """
+    Two annotated boxes, G1 [0,0,10,10] and G2 [20,20,30,30]; proposals by descending score: P1
+    [0,0,10,6] (IoU 60/100 = .6 with G1), P2 [20,20,30,30] (IoU 1 with G2), P3 [0,0,10,9] (IoU .9
+    with G1). Top 1: only G1 at .5 (1), none at .7 (0). Top 2: G1 at .5 and G2 (2); at .7 only G2
+    (1). All three: both at .5 and .7 (2, 2). No proposals: 0. Break tried: ranking by the last K
+    instead of the first (``[:, -k:]``) gives 1 box at top-1 @.7 and fails.
+    """
+    found = _load("proposal_diversity").found
+    gt = Boxes(torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32))
+    props = Boxes(torch.tensor([[0, 0, 10, 6], [20, 20, 30, 30], [0, 0, 10, 9]], dtype=torch.float32))
+    got = found(props, gt, top_k=(1, 2, None), ious=(0.5, 0.7))
+    assert got == {"1@0.5": 1, "1@0.7": 0, "2@0.5": 2, "2@0.7": 1, "all@0.5": 2, "all@0.7": 2}
+    assert found(props[:0], gt, top_k=(10,), ious=(0.5,)) == {"10@0.5": 0}
+
+
+def test_proposal_recall_size_buckets_by_sqrt_area():
+    """sqrt(area) 15.9 -> "<16", 16 -> "16-32" (edges belong to the bucket above), 63.9 -> "32-64",
+    64 and 500 -> ">=64"."""
+    bucket = _load("proposal_diversity").side_bucket
+    assert [bucket(s) for s in (0, 15.9, 16, 31.99, 32, 63.9, 64, 500)] == \
+        ["<16", "<16", "16-32", "16-32", "32-64", "32-64", ">=64", ">=64"]
