@@ -47,8 +47,13 @@ SIDES = (16, 32, 64)  # size buckets: sqrt(area) in the network input's pixels
 def best_iou(proposals, gt, k=None) -> torch.Tensor:
     """(G,): each of the ``gt`` boxes' highest IoU with one of the first ``k`` (None: all) of
     ``proposals`` (``Boxes`` sorted by descending score, same coordinates); 0 without proposals."""
-    top = pairwise_iou(gt, proposals)[:, :k]  # (G, min(k, P))
-    return top.amax(dim=1) if top.shape[1] else torch.zeros(len(gt))
+    return _best(pairwise_iou(gt, proposals), k)
+
+
+def _best(ious: torch.Tensor, k=None) -> torch.Tensor:
+    """(G,): each row's highest value among the first ``k`` columns of ``ious`` (G, P); 0 without columns."""
+    top = ious[:, :k]  # (G, min(k, P))
+    return top.amax(dim=1) if top.shape[1] else torch.zeros(len(ious))
 
 
 def found(proposals, gt, top_k=TOP_K, ious=RECALL_IOU) -> dict:
@@ -57,8 +62,9 @@ def found(proposals, gt, top_k=TOP_K, ious=RECALL_IOU) -> dict:
     ``proposals`` overlaps at IoU >= the threshold. Keys "K@IoU", K "all" for every proposal.
     """
     out = {}
+    ious = pairwise_iou(gt, proposals)  # (G, P), once for every K
     for k in top_k:
-        best = best_iou(proposals, gt, k)
+        best = _best(ious, k)
         for t in ious:
             out[f"{'all' if k is None else k}@{t}"] = int((best >= t).sum())
     return out
