@@ -62,9 +62,9 @@ def found(proposals, gt, top_k=TOP_K, ious=RECALL_IOU) -> dict:
     ``proposals`` overlaps at IoU >= the threshold. Keys "K@IoU", K "all" for every proposal.
     """
     out = {}
-    ious = pairwise_iou(gt, proposals)  # (G, P), once for every K
+    overlaps = pairwise_iou(gt, proposals)  # (G, P), once for every K
     for k in top_k:
-        best = _best(ious, k)
+        best = _best(overlaps, k)
         for t in ious:
             out[f"{'all' if k is None else k}@{t}"] = int((best >= t).sum())
     return out
