@@ -48,18 +48,10 @@ from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from pipeline.atomic import write_text  # noqa: E402
+from pipeline.data.datasets import only_images  # noqa: E402
 
 ANNOTATIONS = ROOT / "data" / "synthetic" / "annotations"
 RESULT_FILES = ("lvis_instances_results.json", "coco_instances_results.json")
-
-
-def only_images(gt: dict, image_ids: Optional[Iterable[int]]) -> dict:
-    """``gt`` restricted to ``image_ids`` (None: all of it)."""
-    if image_ids is None:
-        return gt
-    keep = set(image_ids)
-    return {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
 
 
 def exhaustive_as_lvis(lvis_gt: dict, coco_gt: dict) -> dict:
@@ -93,10 +85,10 @@ def _lvis_ap(gt: dict, detections: List[dict], max_dets: int = 300) -> Dict[str,
 
 
 def _coco_ap(gt: dict, detections: List[dict]) -> Dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        path = Path(tmp) / "gt.json"
-        path.write_text(json.dumps(gt))
-        coco_gt = COCO(str(path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()  # indexed from the dict itself (LVIS only reads a file)
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
         e = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(detections)), "bbox")
         e.evaluate()
         e.accumulate()
@@ -111,7 +103,8 @@ def score(detections: List[dict], lvis_gt: dict, coco_gt: dict,
     the three ways of the module docstring on ``image_ids`` (None: every image of ``lvis_gt``).
     Returns ``{"federated": {...}, "exhaustive": {...}, "coco": {...}}``, APs in percent.
     """
-    lvis_gt, coco_gt = only_images(lvis_gt, image_ids), only_images(coco_gt, image_ids)
+    if image_ids is not None:
+        lvis_gt, coco_gt = only_images(lvis_gt, image_ids), only_images(coco_gt, image_ids)
     ids = {im["id"] for im in lvis_gt["images"]}
     if ids != {im["id"] for im in coco_gt["images"]}:
         raise ValueError("the federated and exhaustive label files hold different images")

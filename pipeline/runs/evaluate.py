@@ -95,10 +95,7 @@ def subset(split: datasets.Split, max_images: Optional[int], out_dir: Path) -> T
     if not max_images or max_images >= len(records):
         return split.name, [r["image_id"] for r in records]
     ids = [r["image_id"] for r in records[:max_images]]
-    keep = set(ids)
-    full = json.loads(split.json_file.read_text())
-    part = {**full, "images": [im for im in full["images"] if im["id"] in keep],
-            "annotations": [a for a in full["annotations"] if a["image_id"] in keep]}
+    part = datasets.only_images(json.loads(split.json_file.read_text()), ids)
     name = f"{split.name}_first{max_images}"
     json_file = out_dir / f"subset_{name}.json"
     write_text(json_file, json.dumps(part))
