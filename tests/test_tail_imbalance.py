@@ -101,9 +101,9 @@ def test_batches_follow_the_repeat_factors():
 
 def test_shares_from_counts():
     """N = 1000, t = 0.01: 1 image -> f = 0.001, repeated sqrt(10) = 3.16228 times: s <= 0.0031623;
-    100 images -> f = 0.1 > t, not repeated: 0.1."""
-    s = tail_imbalance.shares_from_counts([1, 100], 1000, 0.01)
-    assert s.tolist() == pytest.approx([0.0031623, 0.1], abs=1e-7)
+    100 images -> f = 0.1 > t, not repeated: 0.1; no image: 0."""
+    s = tail_imbalance.shares_from_counts([1, 100, 0], 1000, 0.01)
+    assert s.tolist() == pytest.approx([0.0031623, 0.1, 0.0], abs=1e-7)
 
 
 def test_cli_on_cat_info(tmp_path, capsys):
@@ -116,3 +116,8 @@ def test_cli_on_cat_info(tmp_path, capsys):
     assert [r[:3] for r in rows] == [["r", "3", "1-9"], ["f", "7", "16-100"]]
     with pytest.raises(SystemExit):
         tail_imbalance.main(["--cat-info", str(path), "--trials", "0"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": 1, "image_count": 3}, {"id": 2, "image_count": "many"}]))
+    with pytest.raises(SystemExit):
+        tail_imbalance.main(["--cat-info", str(bad)])
+    assert "bad.json: record 1: field 'image_count'" in capsys.readouterr().err

@@ -115,7 +115,8 @@ def shares_from_counts(image_counts: List[int], num_images: int, threshold: floa
     at least that), and the sum of all repeat factors is at least N, so s_c <= n_c r_c / N.
     """
     f = torch.tensor(image_counts, dtype=torch.float64) / num_images
-    return (f * torch.clamp(torch.sqrt(threshold / f), min=1.0)).clamp(max=1.0)
+    repeats = torch.clamp(torch.sqrt(threshold / f.clamp(min=1e-300)), min=1.0)
+    return torch.where(f > 0, f * repeats, torch.zeros_like(f)).clamp(max=1.0)
 
 
 def presence_independent(shares: torch.Tensor, batch: int) -> Callable[[torch.Generator], torch.Tensor]:
@@ -185,6 +186,22 @@ def _image_counts(data: dict) -> List[dict]:
             for c in sorted(data["categories"], key=lambda c: c["id"])]
 
 
+def _read_cat_info(path: Path, ap: argparse.ArgumentParser) -> List[dict]:
+    """cat_info records sorted by id; one error naming the file, the record and the field otherwise."""
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        ap.error(f"{path}: not a JSON list of categories ({e})")
+    if not isinstance(records, list) or not records:
+        ap.error(f"{path}: expected a non-empty JSON list of categories")
+    for k, c in enumerate(records):
+        for field in ("id", "image_count"):
+            v = c.get(field) if isinstance(c, dict) else None
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                ap.error(f"{path}: record {k}: field {field!r} must be an integer >= 0, got {v!r}")
+    return sorted(records, key=lambda c: c["id"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--annotations", type=Path, default=ROOT / "data/synthetic/annotations/lvis_v1_train.json",
@@ -214,7 +231,7 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         if args.cat_info:
-            info = sorted(json.loads(args.cat_info.read_text()), key=lambda c: c["id"])
+            info = _read_cat_info(args.cat_info, ap)
             threshold = args.threshold if args.threshold is not None else LVIS_THRESHOLD
             shares = shares_from_counts([c["image_count"] for c in info], args.num_images, threshold)
             draw = presence_independent(shares, args.batch)
