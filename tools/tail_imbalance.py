@@ -40,6 +40,7 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler  # noqa: E402
 
 from model import get_model_cfg  # noqa: E402
 from model.losses import FederatedLoss  # noqa: E402
+from pipeline.data.prepare import cat_info_of  # noqa: E402
 from pipeline.data.synthetic import COMMON_MAX  # noqa: E402
 
 LVIS_V1_TRAIN_IMAGES = 100_170  # LVIS v1 train; its rare categories have 1-10 images each
@@ -177,15 +178,6 @@ def lvis_rare_share_bound(images: int) -> float:
     return math.sqrt(LVIS_THRESHOLD * images / LVIS_V1_TRAIN_IMAGES)
 
 
-def _image_counts(data: dict) -> List[dict]:
-    """cat_info records (id, image_count, frequency) of LVIS-format annotations, as the prepare stage writes them."""
-    images = defaultdict(set)
-    for a in data["annotations"]:
-        images[a["category_id"]].add(a["image_id"])
-    return [{"id": c["id"], "image_count": len(images[c["id"]]), "frequency": c.get("frequency", "?")}
-            for c in sorted(data["categories"], key=lambda c: c["id"])]
-
-
 def _read_cat_info(path: Path, ap: argparse.ArgumentParser) -> List[dict]:
     """cat_info records sorted by id; one error naming the file, the record and the field otherwise."""
     try:
@@ -238,7 +230,7 @@ def main(argv=None) -> int:
             cat_info = args.cat_info
         else:
             data = json.loads(args.annotations.read_text())
-            info = _image_counts(data)
+            info = cat_info_of(data)
             # As runs.spec.repeat_threshold chooses it when unset.
             threshold = args.threshold if args.threshold is not None else COMMON_MAX / len(data["images"])
             draw = presence_from_images(data, threshold, args.batch)

@@ -92,7 +92,11 @@ def dataset_checksum(directory: Path, exclude=("prepare.json",)) -> str:
 
 def cat_info_from(lvis_or_coco_json: Path) -> list:
     """Per-category training image and instance counts (the federated loss's and RFS's input)."""
-    data = json.loads(Path(lvis_or_coco_json).read_text())
+    return cat_info_of(json.loads(Path(lvis_or_coco_json).read_text()))
+
+
+def cat_info_of(data: dict) -> list:
+    """:func:`cat_info_from` on annotations already loaded (LVIS or COCO format)."""
     images = {c["id"]: set() for c in data["categories"]}
     instances = {c["id"]: 0 for c in data["categories"]}
     for a in data["annotations"]:
