@@ -103,9 +103,9 @@ def add_centernet2_config(cfg: CN) -> CN:
     # fedloss: |S|, the classes that get a loss per iteration (report sec. 3: 50 on LVIS v1). As in
     # the official get_fed_loss_inds, the background index counts when background RoIs exist, so
     # S then holds |S| - 1 categories (49 on LVIS). -1: round(C * 50 / 1203), i.e. 50 on LVIS v1
-    # and the same fraction of C elsewhere. On the synthetic set (2 of 40) that leaves rare categories
-    # a tenth of LVIS's negatives per positive and FedLoss trails sigmoid CE at 300 per image; 30 gives
-    # LVIS's (tools/tail_imbalance.py) and levels it (reports/reference/full-schedule/README.md).
+    # and the same fraction of C elsewhere. The pipeline sets it from params.yaml's
+    # train.fed_loss_num_classes: on the synthetic set 30 of 40, since the scaled 2 leaves rare
+    # categories a tenth of LVIS's negatives per positive (pipeline/runs/spec.py).
     _C.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = -1
     # fedloss: negatives are drawn with probability proportional to image_count ** this (report: 0.5).
     _C.MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER = 0.5

@@ -71,6 +71,7 @@ OWNED_OPTS = {
     "SOLVER.CHECKPOINT_PERIOD": "use train.checkpoint_period instead",
     "DATALOADER.NUM_WORKERS": "use train.num_workers instead",
     "DATALOADER.REPEAT_THRESHOLD": "use train.repeat_threshold instead",
+    "MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES": "use train.fed_loss_num_classes instead",
 }
 
 
@@ -224,7 +225,7 @@ def schema() -> Dict[str, Any]:
         "train": {"max_iter": _int(1, True), "ims_per_batch": _int(1, True), "base_lr": _number(0, True),
                   "checkpoint_period": _int(1, True), "keep_checkpoints": _int(0),
                   "final_dtype": _choice(*FINAL_DTYPES), "repeat_threshold": _number(0, True, hi=1, lo_open=False),
-                  "log_period": _int(1), "num_workers": _int(0, True),
+                  "fed_loss_num_classes": _int(1, True), "log_period": _int(1), "num_workers": _int(0, True),
                   "weights": _str(),
                   "device": _choice(*DEVICES), "opts": _opts},
         "eval": {"warmup": _int(0), "max_images": _int(1, True), "score_thresh": _number(0, True, hi=1, lo_open=False),

@@ -1,4 +1,6 @@
 """CenterNet2-agnostic learns: 150 iterations on a small synthetic set halve the loss and find objects."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,37 @@ def test_repeat_threshold_repeats_rare_images_as_lvis_does(tmp_path, monkeypatch
     assert coco.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"
     with pytest.raises(P.ParamError, match="repeat_threshold"):
         P.check({**params, "train": {**params["train"], "repeat_threshold": 2}})
+
+
+def test_fed_loss_set_size_is_three_quarters_of_the_synthetic_categories(tmp_path, monkeypatch):
+    """
+    A null ``train.fed_loss_num_classes`` gives FedLoss |S| = round(0.75 * C) on the synthetic set:
+    30 of 40 categories, 3 of 4 (worked by hand), where the model's -1 rule (50 of LVIS's 1203
+    scaled) would give 2 of 40. On LVIS v1 it leaves the model's rule (-1 -> 50 of 1203). A set
+    value passes through, changes the run's identity, and the detectron2 key is refused in opts.
+    Break tried: the key left unset for the synthetic set (|S| = 2); this test failed on it.
+    """
+    from model.losses import FederatedLoss
+    from pipeline import params as P
+    from pipeline.runs.spec import build_cfg, fed_loss_num_classes, resolve
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data" / "synthetic"
+    data.mkdir(parents=True)
+    params = P.load()
+    for C, expected in ((40, 30), (4, 3)):
+        (data / "cat_info.json").write_text(json.dumps(
+            [{"id": i + 1, "name": f"c{i}", "image_count": 1} for i in range(C)]))
+        spec = resolve(params, ["loss=fedloss", "train.fed_loss_num_classes=null"])
+        cfg = build_cfg(spec, tmp_path / "run")
+        assert cfg.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES == expected
+        assert FederatedLoss(cfg).set_size == expected
+    lvis = resolve(params, ["data.name=lvis_v1"])
+    assert fed_loss_num_classes(lvis, 1203) == -1
+    mine = resolve(params, ["loss=fedloss", "train.fed_loss_num_classes=5"])
+    assert build_cfg(mine, tmp_path / "run").MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES == 5
+    assert mine.key() != spec.key()
+    with pytest.raises(P.ParamError, match="fed_loss_num_classes"):
+        P.check({**params, "train": {**params["train"], "fed_loss_num_classes": 0}})
+    with pytest.raises(P.ParamError, match="train.fed_loss_num_classes"):
+        resolve(params, ["train.opts=[MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES,30]"])

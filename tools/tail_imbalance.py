@@ -42,6 +42,7 @@ from model import get_model_cfg  # noqa: E402
 from model.losses import FederatedLoss  # noqa: E402
 from pipeline.data.prepare import cat_info_of  # noqa: E402
 from pipeline.data.synthetic import COMMON_MAX  # noqa: E402
+from pipeline.runs.spec import synthetic_fed_loss_num_classes  # noqa: E402
 
 LVIS_V1_TRAIN_IMAGES = 100_170  # LVIS v1 train; its rare categories have 1-10 images each
 LVIS_THRESHOLD = 0.001          # the report's repeat-factor threshold on LVIS v1
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4,
                     help="images per loss call (train.ims_per_batch; per GPU on LVIS: the official 16 on 8 GPUs is 2)")
     ap.add_argument("--set-size", type=int, default=None,
-                    help="FED_LOSS_NUM_CLASSES (default: 50 scaled to the categories, as model/losses.py)")
+                    help="FedLoss's |S| (default: as a null train.fed_loss_num_classes: 3/4 of the "
+                         "synthetic set's categories; with --cat-info 50 scaled to the categories, as model/losses.py)")
     ap.add_argument("--trials", type=int, default=2000, help="batches drawn to measure P(in S)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the drawn batches and sets")
     args = ap.parse_args(argv)
@@ -236,7 +238,10 @@ def main(argv=None) -> int:
             draw = presence_from_images(data, threshold, args.batch)
             cat_info = Path(tmp) / "cat_info.json"
             cat_info.write_text(json.dumps(info))
-        loss = federated_loss(cat_info, len(info), -1 if args.set_size is None else args.set_size)
+        set_size = args.set_size
+        if set_size is None:
+            set_size = -1 if args.cat_info else synthetic_fed_loss_num_classes(len(info))
+        loss = federated_loss(cat_info, len(info), set_size)
         exposure = fed_loss_exposure(draw, loss, args.trials, generator)
     frequency = [c.get("frequency", "?") for c in info]
     p_in_S, negatives = group_means(exposure["in_S"], frequency), group_means(exposure["negatives"], frequency)
