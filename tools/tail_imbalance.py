@@ -48,30 +48,46 @@ LVIS_V1_TRAIN_IMAGES = 100_170  # LVIS v1 train; its rare categories have 1-10 i
 LVIS_THRESHOLD = 0.001          # the report's repeat-factor threshold on LVIS v1
 
 
-def group_stats(data: dict, threshold: float, batch: int) -> dict:
+class SampledImages:
+    """
+    The training images as the repeat-factor sampler draws them, built once for ``group_stats`` and
+    ``presence_from_images``: ``ids`` (C,) category ids sorted (the loss's index order),
+    ``images`` per image the sorted indices of the categories it holds, ``factors`` (N,) float64
+    repeat factors (an image is drawn with probability factor / sum).
+    """
+
+    def __init__(self, data: dict, threshold: float):
+        self.ids = sorted(c["id"] for c in data["categories"])
+        index = {cid: k for k, cid in enumerate(self.ids)}
+        cats_of = defaultdict(set)
+        for a in data["annotations"]:
+            cats_of[a["image_id"]].add(index[a["category_id"]])
+        self.images = [sorted(cats_of[im["id"]]) for im in data["images"]]
+        dicts = [{"annotations": [{"category_id": self.ids[k]} for k in cats]} for cats in self.images]
+        self.factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, threshold).double()
+
+
+def group_stats(data: dict, threshold: float, batch: int, sampled: SampledImages = None) -> dict:
     """
     Per frequency group ("r", "c", "f"): categories, images per category (min, max), the share s
     of sampled images holding a category (min, mean, max: sum of the repeat factors of its images
     over the sum of all), negative images per positive one for sigmoid CE ((1 - s) / s, at the
     group's mean s) and P(category present) per iteration of ``batch`` images (1 - (1 - s)^batch; a
     lower bound of P(in S), which ``fed_loss_exposure`` measures). ``data``: LVIS-format annotations,
-    as loaded from JSON.
+    as loaded from JSON; ``sampled``: its ``SampledImages`` at ``threshold`` when already built.
     """
     frequency = {c["id"]: c.get("frequency", "?") for c in data["categories"]}
-    cats_of = defaultdict(set)
-    for a in data["annotations"]:
-        cats_of[a["image_id"]].add(a["category_id"])
-    dicts = [{"annotations": [{"category_id": c} for c in sorted(cats_of[im["id"]])]} for im in data["images"]]
-    factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, threshold).tolist()
+    sampled = sampled or SampledImages(data, threshold)
+    factors = sampled.factors.tolist()
     total = sum(factors)
     share = defaultdict(float)
     images = defaultdict(int)
-    for d, f in zip(dicts, factors):
-        for a in d["annotations"]:
-            share[a["category_id"]] += f / total
-            images[a["category_id"]] += 1
+    for cats, f in zip(sampled.images, factors):
+        for k in cats:
+            share[sampled.ids[k]] += f / total
+            images[sampled.ids[k]] += 1
     appeared = sum(1 - (1 - share[c]) ** batch for c in frequency)
-    out = {"images": len(dicts), "categories": len(frequency), "threshold": threshold, "batch": batch,
+    out = {"images": len(sampled.images), "categories": len(frequency), "threshold": threshold, "batch": batch,
            "mean_categories_in_batch": appeared, "groups": {}}
     for g in ("r", "c", "f"):
         cs = [c for c in frequency if frequency[c] == g]
@@ -87,25 +103,21 @@ def group_stats(data: dict, threshold: float, batch: int) -> dict:
     return out
 
 
-def presence_from_images(data: dict, threshold: float, batch: int) -> Callable[[torch.Generator], torch.Tensor]:
+def presence_from_images(data: dict, threshold: float, batch: int,
+                         sampled: SampledImages = None) -> Callable[[torch.Generator], torch.Tensor]:
     """
     A draw of one training batch: ``batch`` images drawn with replacement with probability repeat
     factor / sum of factors (the repeat-factor sampler's shares). Returns draw(generator) ->
     (batch, C) bool, image i holds category c, categories sorted by id (the loss's index order).
+    ``sampled``: ``data``'s ``SampledImages`` at ``threshold`` when already built.
     """
-    ids = sorted(c["id"] for c in data["categories"])
-    index = {cid: k for k, cid in enumerate(ids)}
-    cats_of = defaultdict(set)
-    for a in data["annotations"]:
-        cats_of[a["image_id"]].add(index[a["category_id"]])
-    images = [sorted(cats_of[im["id"]]) for im in data["images"]]
-    dicts = [{"annotations": [{"category_id": ids[k]} for k in cats]} for cats in images]
-    probs = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, threshold).double()
+    sampled = sampled or SampledImages(data, threshold)
 
     def draw(generator: torch.Generator) -> torch.Tensor:
-        present = torch.zeros(batch, len(ids), dtype=torch.bool)
-        for row, i in enumerate(torch.multinomial(probs, batch, replacement=True, generator=generator).tolist()):
-            present[row, images[i]] = True
+        present = torch.zeros(batch, len(sampled.ids), dtype=torch.bool)
+        picks = torch.multinomial(sampled.factors, batch, replacement=True, generator=generator).tolist()
+        for row, i in enumerate(picks):
+            present[row, sampled.images[i]] = True
         return present
     return draw
 
@@ -235,7 +247,8 @@ def main(argv=None) -> int:
             info = cat_info_of(data)
             # As runs.spec.repeat_threshold chooses it when unset.
             threshold = args.threshold if args.threshold is not None else COMMON_MAX / len(data["images"])
-            draw = presence_from_images(data, threshold, args.batch)
+            sampled = SampledImages(data, threshold)
+            draw = presence_from_images(data, threshold, args.batch, sampled)
             cat_info = Path(tmp) / "cat_info.json"
             cat_info.write_text(json.dumps(info))
         set_size = args.set_size
@@ -258,7 +271,7 @@ def main(argv=None) -> int:
                   f"{p_in_S[g]:>12.4f}  {(1 - shares[g]) / shares[g]:>19.0f} / "
                   f"{negatives[g] / (args.batch * shares[g]):.1f}")
         return 0
-    stats = group_stats(data, threshold, args.batch)
+    stats = group_stats(data, threshold, args.batch, sampled)
     print(f"{args.annotations}: {stats['images']} images, {stats['categories']} categories, repeat threshold "
           f"{threshold:g}; categories present per batch {stats['mean_categories_in_batch']:.1f}; {header}")
     print(f"group  cats  images/cat  sampled share s (min / mean / max)  P(present)/iter  {columns}")
