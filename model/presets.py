@@ -33,6 +33,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from detectron2.config import CfgNode, get_cfg
 
+from . import backbone, centernet, meta_arch, roi_heads  # noqa: F401  (registers what the configs name)
 from .config import add_centernet2_config
 from .switches import apply_switches
 

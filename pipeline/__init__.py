@@ -1,2 +1,3 @@
-"""The DVC stages of the CenterNet2 pipeline. Importing it applies ``model.compat`` first."""
-import model  # noqa: F401  (patches numpy/PIL and registers detectron2._C before detectron2 loads)
+"""The DVC stages of the CenterNet2 pipeline. Importing it applies ``model.compat`` first (numpy and PIL
+only: detectron2 loads where a stage needs it)."""
+import model  # noqa: F401  (applies model.compat before detectron2 loads; cheap, the model loads on use)

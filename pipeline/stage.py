@@ -26,8 +26,7 @@ from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.launch import main_guard, run_all
 from pipeline.paths import inside
-from pipeline.runs.evaluate import METRICS_FILE, eval_dir
-from pipeline.runs.spec import RunSpec, resolve, study_specs
+from pipeline.runs.spec import METRICS_FILE, RunSpec, eval_dir, resolve, study_specs
 from pipeline.runs.tracking import RUN_ID_FILE, Tracker, repo_root
 
 logger = logging.getLogger("pipeline.stage")

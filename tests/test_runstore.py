@@ -200,7 +200,7 @@ def test_progress_hook_writes_iteration_loss_and_eta(tmp_path):
 
     from detectron2.utils.events import EventStorage
 
-    from pipeline.runs.progress import ProgressFile
+    from pipeline.runs.train import ProgressFile
 
     hook = ProgressFile(tmp_path / "progress.json", every=0)
     with EventStorage(0) as storage:

@@ -45,14 +45,11 @@ from pipeline.atomic import write_text
 from pipeline.data import datasets
 from pipeline.data.prepare import check_prepared
 from pipeline.runs.progress import PROGRESS_FILE
-from pipeline.runs.spec import RunSpec
+from pipeline.runs.spec import METRICS_FILE, RunSpec, eval_dir
 from pipeline.runs.tracking import RUN_ID_FILE, Tracker
 from pipeline.runs.train import DONE_FILE, AtomicCheckpointer, CheckpointError, dataset_checksum, final_weights
 
 logger = logging.getLogger("pipeline.runs.evaluate")
-METRICS_FILE = "metrics.json"
-
-
 class TimedModel(nn.Module):
     """Wraps a model to record the wall time of every forward call (CUDA-synchronised), and the
     images done so far in ``progress`` (``{"evaluating": i, "of": N}``: what a waiting stage shows)."""
@@ -112,11 +109,6 @@ def subset(split: datasets.Split, max_images: Optional[int], out_dir: Path) -> T
     else:
         register_coco_instances(name, meta, str(json_file), str(split.image_root))
     return name, ids
-
-
-def eval_dir(run_dir: Path, spec: RunSpec) -> Path:
-    """Where the evaluation of ``run_dir``'s weights with ``spec``'s evaluation settings lives."""
-    return Path(run_dir) / "eval" / spec.eval_key()
 
 
 def evaluate(run_dir: Path, spec: Optional[RunSpec] = None, model: Optional[nn.Module] = None) -> dict:

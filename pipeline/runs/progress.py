@@ -5,7 +5,7 @@ stage's runs are done.
 
 Everything is read from the run directories, so it works the same for local processes and Slurm
 jobs on other machines (a shared file system): the training writes ``progress.json`` in its run
-directory every few seconds (:class:`ProgressFile`, a detectron2 hook), the evaluation one in its
+directory every few seconds (``pipeline.runs.train.ProgressFile``, a detectron2 hook), the evaluation one in its
 evaluation directory (``pipeline.runs.evaluate.TimedModel``). On a terminal the lines are a live
 ``rich`` table redrawn in place; otherwise (CI, Slurm logs, ``dvc repro`` piped) plain lines are
 printed at a lower rate.
@@ -16,37 +16,10 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from detectron2.engine import HookBase
-
-from pipeline.atomic import write_text
-from pipeline.runs.spec import RunSpec
+from pipeline.runs.spec import METRICS_FILE, RunSpec, eval_dir
 
 PROGRESS_FILE = "progress.json"  # in a run directory (training) and in an evaluation directory
 DONE_FILE = "train_done.json"  # as pipeline.runs.train writes it (not imported: that pulls in training)
-METRICS_FILE = "metrics.json"  # as pipeline.runs.evaluate writes it
-
-
-class ProgressFile(HookBase):
-    """Writes ``{"iter", "max_iter", "loss", "sec_per_iter", "eta_s"}`` to ``path`` at most every
-    ``every`` seconds and after the last iteration. ``sec_per_iter`` is the median of detectron2's
-    ``IterationTimer`` over the last 20 iterations (null for the first few: it skips warm-up)."""
-
-    def __init__(self, path: Path, every: float = 2.0):
-        self.path, self.every = Path(path), every
-        self._last: Optional[float] = None
-
-    def after_step(self):
-        it, max_iter = self.trainer.iter + 1, self.trainer.max_iter
-        now = time.monotonic()
-        if self._last is not None and now - self._last < self.every and it < max_iter:
-            return
-        self._last = now
-        storage = self.trainer.storage
-        histories = storage.histories()
-        loss = histories["total_loss"].latest() if "total_loss" in histories else None
-        sec = histories["time"].median(20) if "time" in histories else None
-        write_text(self.path, json.dumps({"iter": it, "max_iter": max_iter, "loss": loss, "sec_per_iter": sec,
-                                          "eta_s": None if sec is None else sec * (max_iter - it)}))
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -99,8 +72,6 @@ class StageProgress:
     def __init__(self, requests: Sequence[Tuple[Path, List[RunSpec]]], tty_every: float = 2.0,
                  plain_every: float = 60.0, console=None):
         from rich.console import Console
-
-        from pipeline.runs.evaluate import eval_dir
 
         self.jobs = [(f"{specs[0].ablation} seed{specs[0].seed}", Path(d), [eval_dir(d, s) for s in specs])
                      for d, specs in requests]

@@ -13,6 +13,8 @@ from pipeline import params as P
 # The categories of the real datasets (their cat_info.json has one entry each).
 REAL_NUM_CLASSES = {"lvis_v1": 1203, "coco_2017": 80}
 
+METRICS_FILE = "metrics.json"  # an evaluation's results, in its eval_dir (pipeline.runs.evaluate writes it)
+
 
 @dataclass
 class RunSpec:
@@ -112,6 +114,11 @@ class RunSpec:
     @classmethod
     def from_json(cls, text: str) -> "RunSpec":
         return cls(**json.loads(text))
+
+
+def eval_dir(run_dir: Path, spec: RunSpec) -> Path:
+    """Where the evaluation of ``run_dir``'s weights with ``spec``'s evaluation settings lives."""
+    return Path(run_dir) / "eval" / spec.eval_key()
 
 
 def resolve(params: Dict[str, Any], overrides: List[str] = (), seed: Optional[int] = None,

@@ -65,7 +65,7 @@ from filelock import FileLock, Timeout
 from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.data.loader import LazyLoader, build_train_loader
-from pipeline.runs.progress import PROGRESS_FILE, ProgressFile
+from pipeline.runs.progress import PROGRESS_FILE
 from pipeline.runs.spec import RunSpec, build_cfg, resolve
 from pipeline.runs.tracking import Tracker, git_commit, redact_uri
 
@@ -316,6 +316,29 @@ class MetricsLog(hooks.HookBase):
         if self.tracker is not None:
             self.tracker.log_metrics(self.rows)
         self.rows = []
+
+
+class ProgressFile(hooks.HookBase):
+    """Writes ``{"iter", "max_iter", "loss", "sec_per_iter", "eta_s"}`` to ``path`` at most every
+    ``every`` seconds and after the last iteration. ``sec_per_iter`` is the median of detectron2's
+    ``IterationTimer`` over the last 20 iterations (null for the first few: it skips warm-up)."""
+
+    def __init__(self, path: Path, every: float = 2.0):
+        self.path, self.every = Path(path), every
+        self._last: Optional[float] = None
+
+    def after_step(self):
+        it, max_iter = self.trainer.iter + 1, self.trainer.max_iter
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.every and it < max_iter:
+            return
+        self._last = now
+        storage = self.trainer.storage
+        histories = storage.histories()
+        loss = histories["total_loss"].latest() if "total_loss" in histories else None
+        sec = histories["time"].median(20) if "time" in histories else None
+        write_text(self.path, json.dumps({"iter": it, "max_iter": max_iter, "loss": loss, "sec_per_iter": sec,
+                                          "eta_s": None if sec is None else sec * (max_iter - it)}))
 
 
 class Trainer(SimpleTrainer):
