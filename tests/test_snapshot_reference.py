@@ -94,6 +94,7 @@ def test_the_params_the_run_trained_with_are_recorded(reports, monkeypatch):
     repo = reports.parent
     _snapshot("reports/reference", monkeypatch)
     assert not (reports / "reference" / "settings.json").exists()  # a commit without params.yaml
+    assert "Tables 1-2 at its seeds" in (reports / "reference" / "README.md").read_text()  # no count to give
 
     (repo / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -108,4 +109,6 @@ def test_the_params_the_run_trained_with_are_recorded(reports, monkeypatch):
     assert recorded["commit"] == head and recorded["command"].startswith("dvc exp run -S")
     assert recorded["params"]["seeds"] == [0, 1, 2] and recorded["params"]["eval"]["max_images"] is None
     assert recorded["params"]["eval"]["detections_per_image"] == 300  # the commit's own value
-    assert "`settings.json`" in (reports / "reference" / "README.md").read_text()
+    readme = (reports / "reference" / "README.md").read_text()
+    assert "`settings.json`" in readme
+    assert "Tables 1-2 at 3 seeds, as produced" in readme  # the command's seeds, not the edited file's 1

@@ -128,8 +128,9 @@ def main() -> None:
         shutil.copy2(src, out / "figures" / f)
         copied.append(f)
     summary = json.loads((REPORTS / "summary.json").read_text())
+    seeds = len(recorded["params"]["seeds"]) if recorded else "its"
     lines = ["# Reference run", "",
-             "The synthetic Tables 1-2 at 3 seeds, as produced by the command below; compare your run's",
+             f"The synthetic Tables 1-2 at {seeds} seeds, as produced by the command below; compare your run's",
              "`reports/` with these files: `python -m pipeline.report.reference --reference "
              f"{os.path.relpath(out, ROOT)}`",
              "tests each cell of your `reports/summary.json` against this one and lists the settings in which",
