@@ -50,6 +50,8 @@ from pipeline.runs.tracking import RUN_ID_FILE, Tracker
 from pipeline.runs.train import DONE_FILE, AtomicCheckpointer, CheckpointError, dataset_checksum, final_weights
 
 logger = logging.getLogger("pipeline.runs.evaluate")
+
+
 class TimedModel(nn.Module):
     """Wraps a model to record the wall time of every forward call (CUDA-synchronised), and the
     images done so far in ``progress`` (``{"evaluating": i, "of": N}``: what a waiting stage shows)."""

@@ -37,7 +37,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
-from model import presets as _components  # noqa: F401  (registers the detectors' parts build_model looks up by name)
+from model import presets as _components  # noqa: F401  (registers the parts build_model looks up by name)
 from pipeline.atomic import write_text
 from pipeline.data import datasets
 from pipeline.runs.spec import RunSpec

@@ -6,9 +6,9 @@ stage's runs are done.
 Everything is read from the run directories, so it works the same for local processes and Slurm
 jobs on other machines (a shared file system): the training writes ``progress.json`` in its run
 directory every few seconds (``pipeline.runs.train.ProgressFile``, a detectron2 hook), the
-evaluation one in its evaluation directory (``pipeline.runs.evaluate.TimedModel``). On a terminal the lines are a live
-``rich`` table redrawn in place; otherwise (CI, Slurm logs, ``dvc repro`` piped) plain lines are
-printed at a lower rate.
+evaluation one in its evaluation directory (``pipeline.runs.evaluate.TimedModel``). On a terminal
+the lines are a live ``rich`` table redrawn in place; otherwise (CI, Slurm logs, ``dvc repro``
+piped) plain lines are printed at a lower rate.
 """
 import datetime
 import json
