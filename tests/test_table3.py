@@ -209,7 +209,10 @@ def test_table3_study_through_the_pipeline_evaluates_test_aug_on_the_larger_inpu
     # TTA runs the model 36 times an image (9 scales, flip, boxes then masks): evaluate two images.
     repo = scratch_repo(tmp_path, studies=studies, run_studies=["table3"], seeds=[0], **{"eval.max_images": 2})
     sh(repo, "dvc", "repro")
-    runs = {json.loads((d / "run.json").read_text())["row"]: d for d in (repo / "runs").glob("*/seed0")}
+    # The main stage trains params.yaml's own experiment (CenterNet2-agnostic, softmax CE) beside the study.
+    records = {d: json.loads((d / "run.json").read_text()) for d in (repo / "runs").glob("*/seed0")}
+    assert sorted(r["study"] for r in records.values()) == ["main", "table3", "table3", "table3"]
+    runs = {r["row"]: d for d, r in records.items() if r["study"] == "table3"}
     assert set(runs) == {"baseline", "mask", "larger_input"}  # test_aug trained nothing of its own
     shared = runs["larger_input"]
     evals = {json.loads((e / "eval.json").read_text())["row"]: e for e in (shared / "eval").iterdir()}
