@@ -45,9 +45,9 @@ from pipeline.atomic import write_text
 from pipeline.data import datasets
 from pipeline.data.prepare import check_prepared
 from pipeline.runs.progress import PROGRESS_FILE
-from pipeline.runs.spec import METRICS_FILE, RunSpec, eval_dir
+from pipeline.runs.spec import DONE_FILE, METRICS_FILE, RunSpec, eval_dir
 from pipeline.runs.tracking import RUN_ID_FILE, Tracker
-from pipeline.runs.train import DONE_FILE, AtomicCheckpointer, CheckpointError, dataset_checksum, final_weights
+from pipeline.runs.train import AtomicCheckpointer, CheckpointError, dataset_checksum, final_weights
 
 logger = logging.getLogger("pipeline.runs.evaluate")
 

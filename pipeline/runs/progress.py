@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from pipeline.runs.spec import METRICS_FILE, RunSpec, eval_dir
+from pipeline.runs.spec import DONE_FILE, METRICS_FILE, RunSpec, eval_dir
 
 PROGRESS_FILE = "progress.json"  # in a run directory (training) and in an evaluation directory
-DONE_FILE = "train_done.json"  # as pipeline.runs.train writes it (not imported: that pulls in training)
 
 
 def _read(path: Path) -> Optional[dict]:

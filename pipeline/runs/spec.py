@@ -13,6 +13,7 @@ from pipeline import params as P
 # The categories of the real datasets (their cat_info.json has one entry each).
 REAL_NUM_CLASSES = {"lvis_v1": 1203, "coco_2017": 80}
 
+DONE_FILE = "train_done.json"  # a finished training, in its run directory (pipeline.runs.train writes it)
 METRICS_FILE = "metrics.json"  # an evaluation's results, in its eval_dir (pipeline.runs.evaluate writes it)
 
 
