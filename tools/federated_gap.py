@@ -40,15 +40,12 @@ from typing import Dict, Iterable, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import model  # noqa: E402,F401  (detectron2's _C stand-in before anything imports detectron2)
-
-# isort: split
 from lvis import LVIS, LVISEval, LVISResults  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from pipeline.atomic import write_text  # noqa: E402
-from pipeline.data.datasets import only_images  # noqa: E402
+from pipeline.data.annotations import only_images  # noqa: E402
 
 ANNOTATIONS = ROOT / "data" / "synthetic" / "annotations"
 RESULT_FILES = ("lvis_instances_results.json", "coco_instances_results.json")

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, List
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_lvis_json, register_coco_instances, register_lvis_instances
@@ -41,14 +41,6 @@ class Split:
             split_folder, file_name = image["coco_url"].split("/")[-2:]
             return os.path.join(str(self.image_root) + os.sep + split_folder, file_name)
         return os.path.join(self.image_root, image["file_name"])
-
-
-def only_images(data: dict, image_ids: Iterable[int]) -> dict:
-    """An annotation json (COCO or LVIS schema, as a dict) restricted to the images ``image_ids``
-    and their annotations; every other key (categories, info) kept."""
-    keep = set(image_ids)
-    return {**data, "images": [im for im in data["images"] if im["id"] in keep],
-            "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}
 
 
 def default_root() -> Path:

@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 
 from pipeline import params as P  # noqa: E402
 from pipeline.atomic import save_figure, write_text  # noqa: E402
+from pipeline.data.annotations import only_images  # noqa: E402
 from pipeline.report.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect, load_results  # noqa: E402
 from pipeline.runs.spec import RunSpec  # noqa: E402
 from pipeline.runs.tracking import filter_value, redact_uri, tracking_uri  # noqa: E402
@@ -177,9 +178,7 @@ def category_ap(eval_dir: Path, run_dir: Path) -> Dict[int, float]:
     gt = json.loads(predict.val_split(run_dir).json_file.read_text())
     ids = (json.loads((eval_dir / "metrics.json").read_text()).get("images") or {}).get("ids")
     if ids:  # the evaluation scored these images only (max_images)
-        keep = set(ids)
-        gt = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
-              "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
+        gt = only_images(gt, ids)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(gt, f)
         f.flush()

@@ -43,6 +43,7 @@ from model.presets import set_test_limits
 from model.switches import apply_switches
 from pipeline.atomic import write_text
 from pipeline.data import datasets
+from pipeline.data.annotations import only_images
 from pipeline.data.prepare import check_prepared
 from pipeline.runs.progress import PROGRESS_FILE
 from pipeline.runs.spec import DONE_FILE, METRICS_FILE, RunSpec, eval_dir
@@ -94,7 +95,7 @@ def subset(split: datasets.Split, max_images: Optional[int], out_dir: Path) -> T
     if not max_images or max_images >= len(records):
         return split.name, [r["image_id"] for r in records]
     ids = [r["image_id"] for r in records[:max_images]]
-    part = datasets.only_images(json.loads(split.json_file.read_text()), ids)
+    part = only_images(json.loads(split.json_file.read_text()), ids)
     name = f"{split.name}_first{max_images}"
     json_file = out_dir / f"subset_{name}.json"
     write_text(json_file, json.dumps(part))
