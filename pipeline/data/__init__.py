@@ -1,2 +1,2 @@
 """The data: the synthetic federated long-tailed set, validation of any dataset, detectron2
-registration, the training loader, and the prepare stage."""
+registration, annotation files as dicts, the training loader, and the prepare stage."""
