@@ -109,9 +109,11 @@ def add_centernet2_config(cfg: CN) -> CN:
     _C.MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES = -1
     # fedloss: negatives are drawn with probability proportional to image_count ** this (report: 0.5).
     _C.MODEL.ROI_BOX_HEAD.FED_LOSS_FREQ_WEIGHT_POWER = 0.5
-    # eql: negatives of foreground RoIs are kept only for the N most frequent categories (the
-    # report "ignores the 900 tail categories": N = 200 of LVIS v1's 1203).
-    # -1: round(C * 200 / 1203), the same fraction of C.
+    # eql: negatives of foreground RoIs are kept only for the N most frequent categories by
+    # training image count (and any tied with the N-th). N = 200 on LVIS v1 as the official
+    # EQL_FREQ_CAT; the report's text says "ignore the 900 tail categories" (303 kept), the
+    # authors' LVIS v0.5 setting: the official code wins. -1: round(C * 200 / 1203), the same
+    # fraction of C (7 of the synthetic set's 40, no ties there).
     _C.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK = -1
 
     # ---- PointRend mask head (model/point_rend.py; Table 3 "+ PointRend") ----------------------

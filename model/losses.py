@@ -131,18 +131,20 @@ class SigmoidCE:
 class EqualizationLoss(SigmoidCE):
     """
     EQL (Tan et al. 2020, eq. 5): w_j = 1 - E(r) T(f_j) (1 - y_j), where E(r) = 1 for a foreground
-    RoI and T(f_j) = 1 for a tail category. Tail = every category outside the N most frequent by
-    training image count (``EQL_KEEP_TOPK``; the report keeps 200 of LVIS v1's 1203). So a
-    foreground RoI gets no negative gradient on tail categories; background RoIs keep every term.
+    RoI and T(f_j) = 1 for a tail category. Tail = a training image count below the N-th largest
+    (N = ``EQL_KEEP_TOPK``), as the official ``_load_class_freq`` thresholds with
+    ``kthvalue(counts, C - EQL_FREQ_CAT + 1)``: categories tied with the N-th stay frequent, so
+    more than N can be. So a foreground RoI gets no negative gradient on tail categories;
+    background RoIs keep every term.
     """
 
     def __init__(self, cfg):
         super().__init__(cfg)
         counts = load_image_counts(cfg.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH, self.num_classes)
         keep = _scaled(cfg.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK, LVIS_EQL_KEEP, self.num_classes)
-        tail = torch.ones(self.num_classes)
-        tail[counts.topk(min(keep, self.num_classes)).indices] = 0.0
-        self.tail = tail  # (C,) T(f_j)
+        # The N-th largest count is the (C - N + 1)-th smallest.
+        threshold = counts.kthvalue(self.num_classes - min(keep, self.num_classes) + 1).values
+        self.tail = (counts < threshold).float()  # (C,) T(f_j)
         self.keep = keep
 
     def weights(self, gt_classes, targets):

@@ -100,6 +100,21 @@ def test_eql_drops_tail_negatives_of_foreground_rois_only(cat_info):
     assert _loss("eql", cat_info).keep == 2  # round(10 * 200 / 1203) = round(1.66)
 
 
+def test_eql_keeps_categories_tied_with_the_nth_count_frequent(tmp_path):
+    """Official ``_load_class_freq``: tail = count < kthvalue(counts, C - N + 1). Counts (5, 3, 3, 1),
+    N = 2: the 3rd smallest count is 3, so only the count-1 category is tail -- both 3s are kept
+    (a top-N pick keeps one of them)."""
+    path = tmp_path / "cat_info.json"
+    path.write_text(json.dumps([{"id": k + 1, "image_count": n} for k, n in enumerate([5, 3, 3, 1])]))
+    cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=4)
+    cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS = "eql"
+    cfg.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = str(path)
+    cfg.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK = 2
+    assert build_cls_loss(cfg).tail.tolist() == [0.0, 0.0, 0.0, 1.0]
+    cfg.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK = 1  # threshold 5: the three others are tail
+    assert build_cls_loss(cfg).tail.tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
 # --- the four losses' values on a hand-made example ----------------------------------------------
 
 # 2 RoIs x 3 categories (+ background, last): RoI 0 is category 1, RoI 1 background.
