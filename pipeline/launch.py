@@ -30,7 +30,7 @@ import yaml
 
 from pipeline import params as P
 from pipeline.runs.progress import StageProgress
-from pipeline.runs.spec import RunSpec
+from pipeline.runs.spec import DONE_FILE, METRICS_FILE, RunSpec, eval_dir
 
 logger = logging.getLogger("pipeline.launch")
 
@@ -56,7 +56,7 @@ class RunJob(submitit.helpers.Checkpointable):
         from pipeline.runs import evaluate, train
 
         specs = [RunSpec.from_json(s) for s in specs_json]
-        if not (Path(run_dir) / train.DONE_FILE).is_file():
+        if not (Path(run_dir) / DONE_FILE).is_file():
             if gpus > 1:
                 from detectron2.engine import launch
 
@@ -65,7 +65,7 @@ class RunJob(submitit.helpers.Checkpointable):
                 train.run(Path(run_dir), specs[0])
         out = []
         for spec in specs:
-            metrics_file = evaluate.eval_dir(run_dir, spec) / evaluate.METRICS_FILE
+            metrics_file = eval_dir(run_dir, spec) / METRICS_FILE
             if not metrics_file.is_file():
                 evaluate.evaluate(Path(run_dir), spec)
             out.append(yaml.safe_load(metrics_file.read_text()))
