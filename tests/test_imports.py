@@ -15,13 +15,18 @@ def _python(code: str) -> str:
     return done.stdout.strip()
 
 
+def _heavy_modules_after(code: str) -> str:
+    """Which of detectron2, torch and torchvision a fresh interpreter holds after running ``code``."""
+    return _python(f"{code}; import sys; "
+                   "print(sorted(m for m in ('detectron2', 'torch', 'torchvision') if m in sys.modules))")
+
+
 def test_the_report_side_loads_neither_detectron2_nor_torch():
     """``aggregate``, ``report`` and the reference comparison start in about a second instead of ~8
     (detectron2 and torchvision's import). Broken if ``pipeline/__init__`` imports ``model``'s
     registrations again, or ``pipeline.stage`` imports ``pipeline.runs.evaluate``."""
-    loaded = _python("import sys, pipeline.report.reference, pipeline.report.aggregate, pipeline.report.figures, "
-                     "pipeline.stage, pipeline.launch; print(sorted(m for m in ('detectron2', 'torch', "
-                     "'torchvision') if m in sys.modules))")
+    loaded = _heavy_modules_after("import pipeline.report.reference, pipeline.report.aggregate, "
+                                  "pipeline.report.figures, pipeline.stage, pipeline.launch")
     assert loaded == "[]"
 
 
@@ -29,8 +34,7 @@ def test_the_federated_gap_tool_scores_without_detectron2():
     """``tools/federated_gap.py`` is lvis-api and pycocotools alone: an independent check of the
     pipeline's evaluator must not share its code. Broken if ``only_images`` moves back into
     ``pipeline.data.datasets`` (which registers detectron2's datasets)."""
-    loaded = _python("import sys; from tests.helpers import load_script; load_script('tools/federated_gap.py'); "
-                     "print(sorted(m for m in ('detectron2', 'torch', 'torchvision') if m in sys.modules))")
+    loaded = _heavy_modules_after("from tests.helpers import load_script; load_script('tools/federated_gap.py')")
     assert loaded == "[]"
 
 

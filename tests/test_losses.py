@@ -19,15 +19,19 @@ C = 10
 COUNTS = [(k + 1) ** 2 for k in range(C)]
 
 
-@pytest.fixture
-def cat_info(tmp_path):
-    path = tmp_path / "cat_info.json"
-    path.write_text(json.dumps([{"id": k + 1, "image_count": n} for k, n in enumerate(COUNTS)]))
+def _write_cat_info(path, counts) -> str:
+    """A cat_info.json with categories 1..len(counts) and these training image counts."""
+    path.write_text(json.dumps([{"id": k + 1, "image_count": n} for k, n in enumerate(counts)]))
     return str(path)
 
 
-def _loss(name, cat_info_path="", **keys):
-    cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=C)
+@pytest.fixture
+def cat_info(tmp_path):
+    return _write_cat_info(tmp_path / "cat_info.json", COUNTS)
+
+
+def _loss(name, cat_info_path="", num_classes=C, **keys):
+    cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=num_classes)
     cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS = name
     cfg.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = cat_info_path
     for k, v in keys.items():
@@ -104,15 +108,10 @@ def test_eql_keeps_categories_tied_with_the_nth_count_frequent(tmp_path):
     """Official ``_load_class_freq``: tail = count < kthvalue(counts, C - N + 1). Counts (5, 3, 3, 1),
     N = 2: the 3rd smallest count is 3, so only the count-1 category is tail -- both 3s are kept
     (a top-N pick keeps one of them)."""
-    path = tmp_path / "cat_info.json"
-    path.write_text(json.dumps([{"id": k + 1, "image_count": n} for k, n in enumerate([5, 3, 3, 1])]))
-    cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=4)
-    cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS = "eql"
-    cfg.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = str(path)
-    cfg.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK = 2
-    assert build_cls_loss(cfg).tail.tolist() == [0.0, 0.0, 0.0, 1.0]
-    cfg.MODEL.ROI_BOX_HEAD.EQL_KEEP_TOPK = 1  # threshold 5: the three others are tail
-    assert build_cls_loss(cfg).tail.tolist() == [0.0, 1.0, 1.0, 1.0]
+    path = _write_cat_info(tmp_path / "cat_info.json", [5, 3, 3, 1])
+    assert _loss("eql", path, num_classes=4, EQL_KEEP_TOPK=2).tail.tolist() == [0.0, 0.0, 0.0, 1.0]
+    # N = 1, threshold 5: the three others are tail.
+    assert _loss("eql", path, num_classes=4, EQL_KEEP_TOPK=1).tail.tolist() == [0.0, 1.0, 1.0, 1.0]
 
 
 # --- the four losses' values on a hand-made example ----------------------------------------------
@@ -123,14 +122,8 @@ GT = [1, 3]
 
 
 def _three_class_loss(name, tmp_path, counts=(1, 100, 10), **keys):
-    path = tmp_path / "cat_info_3.json"
-    path.write_text(json.dumps([{"id": k + 1, "image_count": n} for k, n in enumerate(counts)]))
-    cfg = get_model_cfg("centernet2_agnostic", "smoke", num_classes=3)
-    cfg.MODEL.ROI_BOX_HEAD.CLS_LOSS = name
-    cfg.MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH = str(path)
-    for k, v in keys.items():
-        cfg.MODEL.ROI_BOX_HEAD[k] = v
-    return build_cls_loss(cfg)(torch.tensor(LOGITS), torch.tensor(GT)).item()
+    loss = _loss(name, _write_cat_info(tmp_path / "cat_info_3.json", counts), num_classes=3, **keys)
+    return loss(torch.tensor(LOGITS), torch.tensor(GT)).item()
 
 
 def test_softmax_ce_value(tmp_path):
