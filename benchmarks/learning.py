@@ -28,7 +28,7 @@ from model.presets import DETECTORS  # noqa: E402
 from pipeline import params as P  # noqa: E402
 from pipeline.atomic import write_text  # noqa: E402
 from pipeline.runs.evaluate import evaluate  # noqa: E402
-from pipeline.runs.spec import resolve  # noqa: E402
+from pipeline.runs.spec import DONE_FILE, resolve  # noqa: E402
 from pipeline.runs.train import run  # noqa: E402
 # isort: on
 
@@ -40,7 +40,7 @@ def measure(detector: str, overrides, seed: int, root: Path) -> dict:
     start = time.perf_counter()
     run(run_dir, spec, track=False)
     train_s = time.perf_counter() - start
-    iters = json.loads((run_dir / "train_done.json").read_text())["iterations"]
+    iters = json.loads((run_dir / DONE_FILE).read_text())["iterations"]
     start = time.perf_counter()
     metrics = evaluate(run_dir, spec)
     eval_s = time.perf_counter() - start

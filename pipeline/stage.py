@@ -26,7 +26,7 @@ from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.launch import main_guard, run_all
 from pipeline.paths import inside
-from pipeline.runs.spec import METRICS_FILE, RunSpec, eval_dir, resolve, study_specs
+from pipeline.runs.spec import METRICS_FILE, METRICS_LOG, RunSpec, eval_dir, resolve, study_specs
 from pipeline.runs.tracking import RUN_ID_FILE, Tracker, repo_root
 
 logger = logging.getLogger("pipeline.stage")
@@ -168,7 +168,7 @@ def _write_curve(specs: List[RunSpec], path: Path) -> None:
     """step,total_loss (mean over seeds at the steps all seeds logged), for DVC plots."""
     curves = []
     for spec in specs:
-        log = run_dir(spec) / "train_metrics.jsonl"
+        log = run_dir(spec) / METRICS_LOG
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
         curves.append({r["step"]: r["total_loss"] for r in rows})
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []

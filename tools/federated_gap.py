@@ -46,6 +46,7 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from pipeline.atomic import write_text  # noqa: E402
 from pipeline.data.annotations import only_images  # noqa: E402
+from pipeline.runs.spec import METRICS_FILE  # noqa: E402
 
 ANNOTATIONS = ROOT / "data" / "synthetic" / "annotations"
 RESULT_FILES = ("lvis_instances_results.json", "coco_instances_results.json")
@@ -118,7 +119,7 @@ def _from_eval_dir(eval_dir: Path):
     if not found:
         raise FileNotFoundError(f"{eval_dir}: none of {', '.join(RESULT_FILES)}; "
                                 "is it an evaluation directory (RUN_DIR/eval/KEY) of a finished evaluation?")
-    metrics = eval_dir / "metrics.json"
+    metrics = eval_dir / METRICS_FILE
     ids = json.loads(metrics.read_text())["images"]["ids"] if metrics.is_file() else None
     return json.loads(found[0].read_text()), ids
 

@@ -33,7 +33,7 @@ from pipeline import params as P  # noqa: E402
 from pipeline.atomic import save_figure, write_text  # noqa: E402
 from pipeline.data.annotations import only_images  # noqa: E402
 from pipeline.report.aggregate import DETECTOR_NAMES, LOSS_NAMES, PAPER, collect, load_results  # noqa: E402
-from pipeline.runs.spec import RunSpec  # noqa: E402
+from pipeline.runs.spec import METRICS_FILE, METRICS_LOG, RunSpec  # noqa: E402
 from pipeline.runs.tracking import filter_value, redact_uri, tracking_uri  # noqa: E402
 from pipeline.stage import RESULTS, params_main  # noqa: E402
 
@@ -75,7 +75,7 @@ def loss_curves(params, results: Dict[str, Any], path: Path) -> None:
         for row, info in results[study].items():
             curves = []
             for seed in info["seeds"].values():
-                log = Path(seed["run_dir"]) / "train_metrics.jsonl"
+                log = Path(seed["run_dir"]) / METRICS_LOG
                 if log.is_file():
                     curves.append({r["step"]: r["total_loss"] for r in map(json.loads, log.read_text().splitlines())})
             if curves:
@@ -176,7 +176,7 @@ def category_ap(eval_dir: Path, run_dir: Path) -> Dict[int, float]:
         if cached.get("stamp") == stamp:
             return {int(k): v for k, v in cached["ap"].items()}
     gt = json.loads(predict.val_split(run_dir).json_file.read_text())
-    ids = (json.loads((eval_dir / "metrics.json").read_text()).get("images") or {}).get("ids")
+    ids = (json.loads((eval_dir / METRICS_FILE).read_text()).get("images") or {}).get("ids")
     if ids:  # the evaluation scored these images only (max_images)
         gt = only_images(gt, ids)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:

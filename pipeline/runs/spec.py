@@ -14,6 +14,7 @@ from pipeline import params as P
 REAL_NUM_CLASSES = {"lvis_v1": 1203, "coco_2017": 80}
 
 DONE_FILE = "train_done.json"  # a finished training, in its run directory (pipeline.runs.train writes it)
+METRICS_LOG = "train_metrics.jsonl"  # a training's logged metrics, one JSON line a log period, in its run directory
 METRICS_FILE = "metrics.json"  # an evaluation's results, in its eval_dir (pipeline.runs.evaluate writes it)
 
 

@@ -66,10 +66,9 @@ from pipeline import params as P
 from pipeline.atomic import write_text
 from pipeline.data.loader import LazyLoader, build_train_loader
 from pipeline.runs.progress import PROGRESS_FILE
-from pipeline.runs.spec import DONE_FILE, RunSpec, build_cfg, resolve
+from pipeline.runs.spec import DONE_FILE, METRICS_LOG, RunSpec, build_cfg, resolve
 from pipeline.runs.tracking import Tracker, git_commit, redact_uri
 
-METRICS_LOG = "train_metrics.jsonl"
 FINAL_WEIGHTS = "model_final.pth"
 # train.final_dtype: what model_final.pth stores its floating-point tensors as. float16 halves it (55 ->
 # 27 MiB a run at the synthetic scale) for a negligible change (measured on a CenterNet2-agnostic run,
