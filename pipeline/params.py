@@ -49,6 +49,7 @@ SYNTHETIC_LIMITS = {
     "max_neg": (int, 0, 100),
     "max_instances": (int, 2, 20),
     "val_min_images": (int, 1, 1000),
+    "min_object_size": (float, 4, 409),  # at most 0.8 x the 512-px side cap; synthetic.py checks image_size
 }
 # Study and row names become file names (results/studies/<study>.json) and MLflow experiment, run
 # and artifact names: letters, digits, '_', '.', '-', not starting with '.' or '-'.

@@ -380,3 +380,65 @@ def test_a_dataset_prepared_with_other_settings_is_refused(dataset, tmp_path):
     with pytest.raises(P.ParamError, match="val_min_images: 8 there, 3 asked"):
         evaluate(trained, spec)
     assert not (trained / "eval").exists()
+
+
+def _unit_area(shape: str) -> float:
+    from pipeline.data.synthetic import _unit_shape
+
+    return _unit_shape(shape).area
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "star"])
+def test_object_sizes_start_at_min_object_size(shape):
+    """
+    ``_place`` draws sizes log-uniform on [min_size, 0.8 x shorter side]. Scaling x by s*sqrt(a) and
+    y by s/sqrt(a), then rotating, keeps area = unit area x s^2, so each placed polygon's size is
+    2 sqrt(area / unit area). On an empty 128-px frame nothing shrinks: with min_size 16 every
+    size is >= 16 and, of 400 draws, some fall within 15 % of it (P = ln 1.15 / ln 6.4 = 7.5 % a
+    draw); with the old 10, about 20 % fall under 16 (ln 1.6 / ln 10.24). Break tried: the log(10)
+    left in place of min_size -> the first assertion failed.
+    """
+    from pipeline.data.synthetic import _place
+
+    def sizes(min_size):
+        rng = np.random.default_rng(0)
+        polys = [_place(shape, 128, 128, [], rng, min_size) for _ in range(400)]
+        return np.array([2 * np.sqrt(p.area / _unit_area(shape)) for p in polys])
+
+    s16, s10 = sizes(16), sizes(10)
+    assert s16.min() >= 16 - 1e-6 and s16.min() < 16 * 1.15
+    assert s16.max() <= 0.8 * 128 + 1e-6
+    assert 0.1 < (s10 < 16).mean() < 0.3
+
+
+def test_every_annotation_respects_the_smallest_object_bound(tmp_path):
+    """
+    An annotation's area (what is visible) is at least half its object's (``_place`` refuses a new
+    object that hides more), and the object's size at least the shrink floor 0.8 x min_object_size:
+    area >= 0.5 x unit area x (0.8 x 16 / 2)^2 for every annotation of a min-16 set (the shapes'
+    unit areas from the geometry). Break tried: the same set at min_object_size 10 (recipe 4's) ->
+    one of its 170 annotations under the bound; the test failed on it.
+    """
+    spec = SyntheticSpec(num_train=40, num_val=8, num_classes=8, image_size=(96, 128), seed=4,
+                         min_object_size=16)
+    generate(spec, tmp_path)
+    for split in ("train", "val"):
+        data = _load(tmp_path, f"lvis_v1_{split}.json")
+        shape = {c["id"]: c["name"].rsplit("_", 1)[1] for c in data["categories"]}  # colour_pattern_shape
+        assert data["annotations"]
+        for ann in data["annotations"]:
+            floor = 0.5 * _unit_area(shape[ann["category_id"]]) * (0.8 * 16 / 2) ** 2
+            assert ann["area"] >= floor - 0.5, (split, ann["id"], ann["area"], floor)  # rounding, parts < 1 px^2
+
+
+def test_min_object_size_is_checked_against_the_image_size():
+    """The smallest object must fit the smallest image: 0.8 x 64 = 51.2 px (message by hand)."""
+    from pipeline import params as P
+
+    SyntheticSpec(image_size=(64, 80), min_object_size=51.2).validate()
+    with pytest.raises(ValueError, match=r"^data\.synthetic\.min_object_size=52: must be at most 51\.2, the "
+                                         r"largest object of the smallest image \(0\.8 x data\.synthetic\."
+                                         r"image_size\[0\]=64\)$"):
+        SyntheticSpec(image_size=(64, 80), min_object_size=52).validate()
+    with pytest.raises(P.ParamError, match=r"data\.synthetic\.min_object_size=2: must be .*4.*409"):
+        P.validate({"data": {"name": "synthetic", "synthetic": {"min_object_size": 2}}})

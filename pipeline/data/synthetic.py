@@ -38,6 +38,10 @@ from pipeline.params import SYNTHETIC_LIMITS as LIMITS
 
 # LVIS v1 frequency buckets by number of training images (Gupta et al., LVIS, section 4).
 RARE_MAX, COMMON_MAX = 10, 100
+# Object sizes (sqrt of the unoccluded area, up to the shape's fill of its square): log-uniform on
+# [min_object_size, LARGEST_OBJECT x the image's shorter side]; an object that does not fit shrinks
+# by 3/4 steps down to SHRINK_FLOOR x min_object_size.
+LARGEST_OBJECT, SHRINK_FLOOR = 0.8, 0.8
 
 SHAPES = ("circle", "triangle", "square", "pentagon", "star", "cross", "lshape", "arrow")
 COLOURS = {
@@ -64,6 +68,7 @@ class SyntheticSpec:
     max_neg: int = 4
     max_instances: int = 3
     val_min_images: int = 8
+    min_object_size: float = 16
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside ``LIMITS`` and what it allows."""
@@ -82,6 +87,11 @@ class SyntheticSpec:
                 allowed = f"a number in {'(' if kind == 'open' else '['}{lo}, {hi}]"
             if not ok:
                 raise ValueError(f"data.synthetic.{name}={value!r}: must be {allowed}")
+        largest = LARGEST_OBJECT * self.image_size[0]
+        if self.min_object_size > largest:
+            raise ValueError(f"data.synthetic.min_object_size={self.min_object_size!r}: must be at most "
+                             f"{largest:g}, the largest object of the smallest image "
+                             f"({LARGEST_OBJECT} x data.synthetic.image_size[0]={self.image_size[0]})")
 
 
 def _is_int(value) -> bool:
@@ -221,15 +231,16 @@ def _sample_polygon(shape: str, w: int, h: int, size: float, rng: np.random.Gene
 
 
 def _place(shape: str, w: int, h: int, placed: List[dict], rng: np.random.Generator,
-           min_visible: float = 0.5, tries: int = 30):
+           min_size: float, min_visible: float = 0.5, tries: int = 30):
     """A polygon on top of ``placed`` that leaves every object >= min_visible visible, without
-    holes (COCO polygons cannot express them). Shrinks the object when it does not fit."""
+    holes (COCO polygons cannot express them). Shrinks the object when it does not fit, to no less
+    than ``SHRINK_FLOOR * min_size``."""
     frame = box(0, 0, w, h)
-    # sqrt(area) log-uniform from small to large (COCO: small < 32^2 <= medium < 96^2 <= large).
-    size = math.exp(rng.uniform(math.log(10), math.log(0.8 * min(w, h))))
+    # Size log-uniform from small to large (COCO: small < 32^2 <= medium < 96^2 <= large area).
+    size = math.exp(rng.uniform(math.log(min_size), math.log(LARGEST_OBJECT * min(w, h))))
     for attempt in range(tries):
         if attempt and attempt % 6 == 0:
-            size = max(8.0, size * 0.75)
+            size = max(SHRINK_FLOOR * min_size, size * 0.75)
         poly = _sample_polygon(shape, w, h, size, rng)
         if not frame.contains(poly):
             continue
@@ -316,7 +327,7 @@ def _generate_split(split: str, num_images: int, first_image_id: int, first_ann_
         plan = _plan_image(positives[i], targets, spec, rng)
         placed = []
         for k, annotated in plan["objects"]:
-            poly = _place(cats[k]["shape"], w, h, placed, rng)
+            poly = _place(cats[k]["shape"], w, h, placed, rng, spec.min_object_size)
             if poly is None:
                 continue
             for obj in placed:
