@@ -38,6 +38,7 @@ import torch
 
 from pipeline.atomic import write_text
 from pipeline.runs.predict import DEVICES, Predictor, RunError, categories, run_dir_arg, val_split
+from pipeline.runs.spec import DONE_FILE
 
 FORMATS = {"torchscript": ".ts.pt", "onnx": ".onnx"}
 OUTPUT_NAMES = ("boxes", "scores", "classes")
@@ -94,7 +95,7 @@ def refusal(cfg, fmt: str) -> Optional[str]:
     if cfg.TEST.AUG.ENABLED:
         return ("test-time augmentation (switch tta) resizes, flips and merges detections in Python for "
                 "each image, which tracing cannot record; export the run whose weights it evaluates "
-                "(train_done.json: trained_by)")
+                f"({DONE_FILE}: trained_by)")
     if fmt == "onnx" and any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
         return ("deformable convolution (switch dcn, torchvision.ops.deform_conv2d) has no ONNX operator in "
                 "torch.onnx's exporter; use --format torchscript")

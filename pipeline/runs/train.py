@@ -460,7 +460,7 @@ def final_weights(run_dir: Path) -> Path:
     if path.is_symlink():
         raise CheckpointError(f"{path}: a link, not the run's own file; refusing to load it")
     if not path.is_file():
-        done = " although training finished (train_done.json)" if (Path(run_dir) / DONE_FILE).is_file() else ""
+        done = f" although training finished ({DONE_FILE})" if (Path(run_dir) / DONE_FILE).is_file() else ""
         raise CheckpointError(f"{path}: missing (no final weights{done}); remove {run_dir} and train the "
                               f"run again")
     return path
