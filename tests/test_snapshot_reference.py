@@ -112,3 +112,28 @@ def test_the_params_the_run_trained_with_are_recorded(reports, monkeypatch):
     readme = (reports / "reference" / "README.md").read_text()
     assert "`settings.json`" in readme
     assert "Tables 1-2 at 3 seeds, as produced" in readme  # the command's seeds, not the edited file's 1
+
+
+def test_a_one_table_run_is_named_for_the_table_it_made(reports, monkeypatch):
+    """`-S 'run_studies=[table2]'` makes Table 2 only: the README says so and leaves out Table 1's
+    'not run' file rather than presenting it as a result."""
+    repo = reports.parent
+    (repo / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "params"], check=True)
+    monkeypatch.setattr(sys, "argv", ["snapshot_reference.py", "--command",
+                                      "dvc exp run -S 'seeds=[0,1,2]' -S 'run_studies=[table2]'", "--wall", "1h"])
+    snapshot_reference.main()
+    readme = (reports / "reference" / "README.md").read_text()
+    assert "The synthetic Table 2 at 3 seeds, as produced" in readme
+    assert "## Table 2\n\n| table2.md |" in readme
+    assert "## Table 1" not in readme and "| table1.md |" not in readme
+    assert "Not run: Table 1 (`run_studies` is ['table2'])" in readme
+    assert (reports / "reference" / "table1.md").is_file()  # still copied: the reference tool reads every file
+
+    monkeypatch.setattr(sys, "argv", ["snapshot_reference.py", "--command", "dvc exp run", "--wall", "1h"])
+    snapshot_reference.main()  # the params' own run_studies: [table1, table2]
+    readme = (reports / "reference" / "README.md").read_text()
+    assert "The synthetic Tables 1-2 at 2 seeds" in readme and "Not run:" not in readme
+    assert readme.index("## Table 1") < readme.index("## Table 2")

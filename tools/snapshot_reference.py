@@ -85,6 +85,22 @@ def run_settings(commit: str, command: str, version: int | None) -> dict | None:
     return settings(yaml.safe_load(text), command, commit, version) if text is not None else None
 
 
+TABLES = (1, 2)  # the tables whose files the snapshot copies (table1.md, table2.md)
+
+
+def tables_run(recorded: dict | None) -> list[int]:
+    """Which of Tables 1-2 the run made: those whose study ``table1``/``table2`` is in the recorded
+    ``run_studies`` (the other file then holds only "not run" cells); both where nothing is recorded."""
+    if recorded is None:
+        return list(TABLES)
+    studies = recorded["params"].get("run_studies") or []
+    return [t for t in TABLES if f"table{t}" in studies]
+
+
+def _named(tables: list[int]) -> str:
+    return "Tables " + "-".join(map(str, tables)) if len(tables) > 1 else f"Table {tables[0]}" if tables else "no table"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--command", required=True, help="the command that produced the run")
@@ -129,8 +145,10 @@ def main() -> None:
         copied.append(f)
     summary = json.loads((REPORTS / "summary.json").read_text())
     seeds = len(recorded["params"]["seeds"]) if recorded else "its"
+    tables = tables_run(recorded)
+    skipped = [t for t in TABLES if t not in tables]
     lines = ["# Reference run", "",
-             f"The synthetic Tables 1-2 at {seeds} seeds, as produced by the command below; compare your run's",
+             f"The synthetic {_named(tables)} at {seeds} seeds, as produced by the command below; compare your run's",
              "`reports/` with these files: `python -m pipeline.report.reference --reference "
              f"{os.path.relpath(out, ROOT)}`",
              "tests each cell of your `reports/summary.json` against this one and lists the settings in which",
@@ -148,9 +166,9 @@ def main() -> None:
              "Files: " + ", ".join(f"`{f}`" for f in FILES + ((SETTINGS,) if recorded else ()))
              + "; figures: " + ", ".join(f"`figures/{f}`" for f in copied)
              + ("; unchanged from the main reference: " + ", ".join(f"`{f}`" for f in shared) if shared else ""),
-             "",
-             "## Table 1", "", (out / "table1.md").read_text(), "",
-             "## Table 2", "", (out / "table2.md").read_text()]
+             *(["", f"Not run: {_named(skipped)} (`run_studies` is {recorded['params'].get('run_studies')}); "
+                    "its file holds only the aggregate's 'not run' cells."] if skipped else []),
+             *(line for t in tables for line in ("", f"## Table {t}", "", (out / f"table{t}.md").read_text()))]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print(f"reference: {len(FILES)} files and {len(copied)} figures ({len(shared)} unchanged, not copied) in {out} "
           f"({len(summary.get('rows', summary))} summary entries)")
