@@ -85,20 +85,24 @@ def run_settings(commit: str, command: str, version: int | None) -> dict | None:
     return settings(yaml.safe_load(text), command, commit, version) if text is not None else None
 
 
-TABLES = (1, 2)  # the tables whose files the snapshot copies (table1.md, table2.md)
+TABLES = tuple(f.removesuffix(".md") for f in FILES if f.startswith("table"))  # the studies FILES holds tables of
 
 
-def tables_run(recorded: dict | None) -> list[int]:
-    """Which of Tables 1-2 the run made: those whose study ``table1``/``table2`` is in the recorded
-    ``run_studies`` (the other file then holds only "not run" cells); both where nothing is recorded."""
+def tables_run(recorded: dict | None) -> list[str]:
+    """Which of TABLES the run made: those in the recorded ``run_studies`` (another table's file then
+    holds only "not run" cells); all of them where nothing is recorded."""
     if recorded is None:
         return list(TABLES)
     studies = recorded["params"].get("run_studies") or []
-    return [t for t in TABLES if f"table{t}" in studies]
+    return [t for t in TABLES if t in studies]
 
 
-def _named(tables: list[int]) -> str:
-    return "Tables " + "-".join(map(str, tables)) if len(tables) > 1 else f"Table {tables[0]}" if tables else "no table"
+def _named(tables: list[str]) -> str:
+    """["table1", "table2"] -> "Tables 1-2"; ["table2"] -> "Table 2"."""
+    numbers = [t.removeprefix("table") for t in tables]
+    if not numbers:
+        return "no table"
+    return f"Table {numbers[0]}" if len(numbers) == 1 else f"Tables {numbers[0]}-{numbers[-1]}"
 
 
 def main() -> None:
@@ -168,7 +172,7 @@ def main() -> None:
              + ("; unchanged from the main reference: " + ", ".join(f"`{f}`" for f in shared) if shared else ""),
              *(["", f"Not run: {_named(skipped)} (`run_studies` is {recorded['params'].get('run_studies')}); "
                     "its file holds only the aggregate's 'not run' cells."] if skipped else []),
-             *(line for t in tables for line in ("", f"## Table {t}", "", (out / f"table{t}.md").read_text()))]
+             *(line for t in tables for line in ("", f"## {_named([t])}", "", (out / f"{t}.md").read_text()))]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print(f"reference: {len(FILES)} files and {len(copied)} figures ({len(shared)} unchanged, not copied) in {out} "
           f"({len(summary.get('rows', summary))} summary entries)")
