@@ -30,9 +30,10 @@ LOSS_NAMES = ("softmax", "sigmoid", "eql", "fedloss")
 CLUSTERS = ("local", "slurm", "debug")
 DEVICES = ("auto", "cpu", "cuda")
 FINAL_DTYPES = ("float16", "float32")  # train.final_dtype
+PRECISIONS = ("float32", "bfloat16")  # train.precision
 # What a run does when its params leave one of these train keys out (a partial params dict, as the
 # tests build): params.yaml's values, which tests/test_params_dvc.py holds equal to these.
-TRAIN_RUN_DEFAULTS = {"log_period": 20, "keep_checkpoints": 0, "final_dtype": "float16"}
+TRAIN_RUN_DEFAULTS = {"log_period": 20, "keep_checkpoints": 0, "final_dtype": "float16", "precision": "float32"}
 # data.synthetic (pipeline/data/synthetic.py): each setting's type and bounds, (int | float | "open"
 # (a float above lo), lo, hi). The caps keep a typo from filling the disk (120k images of at most
 # 512 px: about 6 GB of PNG) or memory.
@@ -225,7 +226,8 @@ def schema() -> Dict[str, Any]:
         "switches": _switches,
         "train": {"max_iter": _int(1, True), "ims_per_batch": _int(1, True), "base_lr": _number(0, True),
                   "checkpoint_period": _int(1, True), "keep_checkpoints": _int(0),
-                  "final_dtype": _choice(*FINAL_DTYPES), "repeat_threshold": _number(0, True, hi=1, lo_open=False),
+                  "final_dtype": _choice(*FINAL_DTYPES), "precision": _choice(*PRECISIONS),
+                  "repeat_threshold": _number(0, True, hi=1, lo_open=False),
                   "fed_loss_num_classes": _int(1, True), "log_period": _int(1), "num_workers": _int(0, True),
                   "weights": _str(),
                   "device": _choice(*DEVICES), "opts": _opts},

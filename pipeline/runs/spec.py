@@ -85,6 +85,8 @@ class RunSpec:
         the evaluation settings (``eval``, evaluation-only switches) and the settings that change no
         number (logging period, data-loading workers, checkpoints kept)."""
         train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers", "keep_checkpoints")}
+        if train.get("precision") == "float32":  # what every run trained before the key: their keys hold
+            del train["precision"]
         ident = {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
                  "data": self.data, "train": train, "opts": self.opts, "switches": self.training().switches,
                  "recipe": self.recipe}

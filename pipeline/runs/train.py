@@ -339,13 +339,31 @@ class ProgressFile(hooks.HookBase):
                                           "eta_s": None if sec is None else sec * (max_iter - it)}))
 
 
+def autocast_for(precision: str, device: str) -> torch.autocast:
+    """
+    The context the training forward pass runs in for ``train.precision``: float32 disables it;
+    bfloat16 is ``torch.autocast`` on the run's device, so convolutions and matrix products run in
+    bfloat16 while the weights, their gradients, the optimizer and the ops autocast keeps in float32
+    (losses, softmax, normalisation statistics) stay float32. Unlike float16 it needs no loss
+    scaling (float32's exponent range). A GPU without bfloat16 is refused here, before training.
+    """
+    if precision not in P.PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}; allowed values: {', '.join(P.PRECISIONS)}")
+    kind = torch.device(device).type
+    if precision == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision=bfloat16: {torch.cuda.get_device_name()} has no bfloat16 support "
+                         f"(it needs an Ampere or newer GPU); set train.precision=float32")
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 class Trainer(SimpleTrainer):
     """detectron2's ``SimpleTrainer`` with the schedule, checkpointing and logging of one run."""
 
     def __init__(self, cfg, seed: int, tracker: Optional[Tracker] = None,
                  log_period: int = DEFAULTS["log_period"], keep_checkpoints: int = DEFAULTS["keep_checkpoints"],
-                 final_dtype: str = DEFAULTS["final_dtype"]):
+                 final_dtype: str = DEFAULTS["final_dtype"], precision: str = DEFAULTS["precision"]):
         seed_all_rng(seed)
+        self.autocast = autocast_for(precision, cfg.MODEL.DEVICE)
         model = create_ddp_model(build_model(cfg), broadcast_buffers=False)
         optimizer = build_optimizer(cfg, model)
         self.loader = LazyLoader(partial(build_train_loader, cfg, seed))
@@ -400,13 +418,16 @@ class Trainer(SimpleTrainer):
         self.checkpointer.load(weights.path, checkpointables=[])
 
     def run_step(self):
-        """detectron2's step, with a clear stop (iteration, which loss) when a loss is NaN/inf."""
+        """detectron2's step, the forward pass in ``train.precision``, with a clear stop (iteration, which
+        loss) when a loss is NaN/inf."""
         assert self.model.training
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
         try:
-            loss_dict = self.model(data)
+            with self.autocast:
+                loss_dict = self.model(data)
+            loss_dict = {k: v.float() for k, v in loss_dict.items()}  # summed and logged in float32
         except AssertionError as e:  # detectron2 asserts on NaN/inf boxes before any loss exists
             if "infinite or NaN" not in str(e):
                 raise
