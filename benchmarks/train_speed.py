@@ -3,11 +3,13 @@ Training speed of the Table 1 detectors or the Table 3 steps: seconds per iterat
 run's schedule costs at that speed.
 
     python benchmarks/train_speed.py [--scale synthetic|smoke|paper] [--batch 4] [--iters 3] [--json FILE]
+                                     [--precision float32|bfloat16]
     python benchmarks/train_speed.py --table3 ...   # CenterNet2-agnostic + FedLoss, each step added cumulatively
 
 Each row builds the model at the scale, runs one untimed iteration, then times ``--iters`` full
 iterations (forward, backward, SGD step) on random images of the scale's test size with two boxes
-and masks each, and reports the median. ``hours_per_run`` is that times the scale's schedule
+and masks each, and reports the median. ``--precision`` runs the forward pass as ``train.precision``
+does (``pipeline.runs.train.autocast_for``). ``hours_per_run`` is that times the scale's schedule
 (``sched2x`` doubles it), i.e. what one seed of that row costs on this device. Weights are random;
 speed does not depend on them. Use it to plan: which rows fit a laptop, which need a cluster.
 """
@@ -27,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import get_model_cfg  # noqa: E402  (first: model.compat must run before detectron2 loads)
 from model.presets import DETECTORS  # noqa: E402
 from model.switches import EVAL_ONLY, SWITCHES  # noqa: E402
+from pipeline import params as P  # noqa: E402
 from pipeline.atomic import write_text  # noqa: E402
+from pipeline.runs.train import autocast_for  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -77,15 +81,16 @@ def _uniform_freq(num_classes: int, directory: Path) -> str:
 
 
 def run(scale: str, batch: int, iters: int, device: str, num_classes: int, table3: bool,
-        schedule: int = None) -> dict:
+        schedule: int = None, precision: str = "float32") -> dict:
     # A private directory (mkdtemp: 0700, a fresh name): no predictable file in a shared $TMPDIR.
     with tempfile.TemporaryDirectory(prefix="cn2-bench-") as tmp:
         return _measure(scale, batch, iters, device, num_classes, table3, schedule,
-                        _uniform_freq(num_classes, Path(tmp)))
+                        _uniform_freq(num_classes, Path(tmp)), precision)
 
 
 def _measure(scale: str, batch: int, iters: int, device: str, num_classes: int, table3: bool,
-             schedule: int, freq: str) -> dict:
+             schedule: int, freq: str, precision: str = "float32") -> dict:
+    autocast = autocast_for(precision, device)
     gen = torch.Generator().manual_seed(0)
     rows = {}
     base_iters = get_model_cfg("centernet2_agnostic", scale).SOLVER.MAX_ITER  # the scale's schedule
@@ -103,7 +108,9 @@ def _measure(scale: str, batch: int, iters: int, device: str, num_classes: int, 
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                loss = sum(model(data).values())
+                with autocast:
+                    losses = model(data)
+                loss = sum(v.float() for v in losses.values())
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -118,7 +125,7 @@ def _measure(scale: str, batch: int, iters: int, device: str, num_classes: int, 
                       "hours_per_run": round(s_iter * iters_run / 3600, 2)}
         print(f"  measured {name}: {s_iter:.2f} s/iter", flush=True)
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "scale": scale, "batch": batch, "iters": iters, "rows": rows}
+    return {"device": name, "scale": scale, "batch": batch, "iters": iters, "precision": precision, "rows": rows}
 
 
 def main(argv=None):
@@ -134,14 +141,18 @@ def main(argv=None):
     parser.add_argument("--schedule", type=int,
                         help="iterations of a run before sched2x (default: the scale's; params.yaml's "
                              "train.max_iter when it sets one)")
+    parser.add_argument("--precision", choices=P.PRECISIONS, default="float32",
+                        help="the forward pass's precision, as train.precision (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
     if args.batch < 1 or args.iters < 1 or args.classes < 2 or (args.schedule is not None and args.schedule < 1):
         parser.error("--batch, --iters and --schedule must be >= 1, --classes >= 2")
-    result = run(args.scale, args.batch, args.iters, args.device, args.classes, args.table3, args.schedule)
-    print(f"\n{result['device']}, {args.scale} scale, batch {args.batch}, median of {args.iters} iterations")
+    result = run(args.scale, args.batch, args.iters, args.device, args.classes, args.table3, args.schedule,
+                 args.precision)
+    print(f"\n{result['device']}, {args.scale} scale, batch {args.batch}, {args.precision}, "
+          f"median of {args.iters} iterations")
     print(f"{'row':<30}{'input':>7}{'s/iter':>9}{'schedule':>10}{'h/run':>8}")
     for name, row in result["rows"].items():
         print(f"{name:<30}{row['input']:>7}{row['s_per_iter']:>9.2f}{row['schedule_iters']:>10}"

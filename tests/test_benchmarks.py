@@ -32,6 +32,29 @@ def test_train_speed_times_each_detector_and_projects_its_schedule(tmp_path):
         assert row["hours_per_run"] == pytest.approx(100 * row["s_per_iter"], abs=0.05 + 0.005)
 
 
+def test_train_speed_times_the_forward_pass_at_the_precision_asked(tmp_path):
+    """``--precision bfloat16`` times what ``train.precision: bfloat16`` trains: the convolutions
+    compute in bfloat16 (float32 without it), and the JSON says which precision it timed."""
+    from detectron2.layers import Conv2d
+
+    bench = _load("train_speed")
+    for precision, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        seen = set()
+
+        def record(module, args, output, seen=seen):
+            if isinstance(module, Conv2d):
+                seen.add(output.dtype)
+
+        hook = torch.nn.modules.module.register_module_forward_hook(record)
+        out = tmp_path / f"{precision}.json"
+        try:
+            bench.main(["--scale", "smoke", "--batch", "1", "--iters", "1", "--classes", "3",
+                        "--precision", precision, "--json", str(out)])
+        finally:
+            hook.remove()
+        assert seen == {dtype} and json.loads(out.read_text())["precision"] == precision
+
+
 def test_train_speed_table3_rows_are_the_training_steps():
     bench = _load("train_speed")
     rows = dict(bench._rows("smoke", "cpu", 3, table3=True))
