@@ -34,6 +34,10 @@ PRECISIONS = ("float32", "bfloat16")  # train.precision
 # What a run does when its params leave one of these train keys out (a partial params dict, as the
 # tests build): params.yaml's values, which tests/test_params_dvc.py holds equal to these.
 TRAIN_RUN_DEFAULTS = {"log_period": 20, "keep_checkpoints": 0, "final_dtype": "float16", "precision": "float32"}
+# Keys added after runs and references were recorded, at the value every one of those trained with:
+# a run at that value keeps its run-store key (runs/spec.py) and a reference's settings.json without
+# the key compares as that value (report/reference.py).
+ADDED_KEYS = {"train.precision": "float32"}
 # data.synthetic (pipeline/data/synthetic.py): each setting's type and bounds, (int | float | "open"
 # (a float above lo), lo, hi). The caps keep a typo from filling the disk (120k images of at most
 # 512 px: about 6 GB of PNG) or memory.

@@ -35,9 +35,6 @@ SETTINGS = "settings.json"
 IGNORED = ("data.root", "train.keep_checkpoints", "train.log_period", "train.checkpoint_period",
            "launcher", "tracking", "run_studies", "studies", "seeds")
 ALPHA = 0.05
-# Keys added to params.yaml after references were recorded, with the value every run before them
-# trained with: a reference's settings.json without one of them ran with that value.
-ADDED_KEYS = {"train.precision": "float32"}
 
 
 def recipe_in(source: str) -> Optional[int]:
@@ -95,7 +92,7 @@ def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def _relevant(flat: Dict[str, Any]) -> Dict[str, Any]:
-    flat = {**ADDED_KEYS, **flat}
+    flat = {**P.ADDED_KEYS, **flat}  # a key a settings.json predates ran at the value it was added with
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
 
 

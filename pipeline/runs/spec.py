@@ -83,10 +83,10 @@ class RunSpec:
     def identity(self) -> Dict[str, Any]:
         """What determines the trained weights: the recipe's version and every setting but the names,
         the evaluation settings (``eval``, evaluation-only switches) and the settings that change no
-        number (logging period, data-loading workers, checkpoints kept)."""
-        train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers", "keep_checkpoints")}
-        if train.get("precision") == "float32":  # what every run trained before the key: their keys hold
-            del train["precision"]
+        number (logging period, data-loading workers, checkpoints kept). A key added since runs were
+        recorded is left out at the value they trained with (``params.ADDED_KEYS``): their keys hold."""
+        train = {k: v for k, v in self.train.items() if k not in ("log_period", "num_workers", "keep_checkpoints")
+                 and (f"train.{k}", v) not in P.ADDED_KEYS.items()}
         ident = {"detector": self.detector, "loss": self.loss, "seed": self.seed, "scale": self.scale,
                  "data": self.data, "train": train, "opts": self.opts, "switches": self.training().switches,
                  "recipe": self.recipe}
