@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,26 @@ def load_script(relpath: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def conv_output_dtypes():
+    """Yield a set that collects the dtype of every detectron2 ``Conv2d`` output computed while
+    gradients are on (training, not evaluation) inside the ``with`` block, from a global forward hook."""
+    import torch
+    from detectron2.layers import Conv2d
+
+    seen = set()
+
+    def record(module, args, output):
+        if isinstance(module, Conv2d) and torch.is_grad_enabled():
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def tiny_dataset(root: Path, num_val: int = 6, image_size=(64, 80), seed: int = 2,

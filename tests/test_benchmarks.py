@@ -6,7 +6,7 @@ import torch
 from detectron2.structures import Boxes
 
 from model import get_model_cfg
-from tests.helpers import load_script
+from tests.helpers import conv_output_dtypes, load_script
 
 
 def _load(name):
@@ -35,23 +35,12 @@ def test_train_speed_times_each_detector_and_projects_its_schedule(tmp_path):
 def test_train_speed_times_the_forward_pass_at_the_precision_asked(tmp_path):
     """``--precision bfloat16`` times what ``train.precision: bfloat16`` trains: the convolutions
     compute in bfloat16 (float32 without it), and the JSON says which precision it timed."""
-    from detectron2.layers import Conv2d
-
     bench = _load("train_speed")
     for precision, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        seen = set()
-
-        def record(module, args, output, seen=seen):
-            if isinstance(module, Conv2d):
-                seen.add(output.dtype)
-
-        hook = torch.nn.modules.module.register_module_forward_hook(record)
         out = tmp_path / f"{precision}.json"
-        try:
+        with conv_output_dtypes() as seen:
             bench.main(["--scale", "smoke", "--batch", "1", "--iters", "1", "--classes", "3",
                         "--precision", precision, "--json", str(out)])
-        finally:
-            hook.remove()
         assert seen == {dtype} and json.loads(out.read_text())["precision"] == precision
 
 

@@ -13,7 +13,7 @@ from pipeline.params import ROOT
 from pipeline.runs import evaluate as ev
 from pipeline.runs import train as tr
 from pipeline.runs.spec import resolve
-from tests.helpers import tiny_dataset
+from tests.helpers import conv_output_dtypes, tiny_dataset
 
 MAX_ITER, CKPT = 6, 3
 
@@ -101,21 +101,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny, tmp_path, mlflow
 def _train_at(tiny, precision, run_dir):
     """Train 2 iterations of ``tiny`` at ``precision`` (float32 final weights); the dtypes of every
     detectron2 Conv2d output the training computed, and the final weights."""
-    from detectron2.layers import Conv2d
-
     params = {**tiny["params"], "train": {**tiny["params"]["train"], "max_iter": 2, "checkpoint_period": 2,
                                           "final_dtype": "float32", "precision": precision}}
-    seen = set()
-
-    def record(module, args, output):
-        if isinstance(module, Conv2d) and torch.is_grad_enabled():  # training, not evaluation
-            seen.add(output.dtype)
-
-    handle = torch.nn.modules.module.register_module_forward_hook(record)
-    try:
+    with conv_output_dtypes() as seen:
         tr.run(run_dir, resolve(params, seed=0, study="precision"), track=False)
-    finally:
-        handle.remove()
     return seen, torch.load(run_dir / tr.FINAL_WEIGHTS, weights_only=True)["model"]
 
 
